@@ -1,0 +1,290 @@
+"""Reading a diffusers-format Wan repository: resolve it, index its safetensors, read tensors zero-copy.
+
+safetensors layout: 8-byte little-endian header length N, N bytes of JSON
+({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}), then the data.
+Tensors are numpy views of a read-only mmap of the file; bf16/f16 sources are read through their
+bit patterns (uint16 views reinterpreted as ml_dtypes), so nothing goes through torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import mmap
+import os
+import pathlib
+import struct
+from typing import Mapping
+
+import numpy as np
+
+from wan_runtime.format import np_dtype
+
+
+class SourceError(ValueError):
+    """A source repository or file that cannot be converted; the message names the file/tensor."""
+
+
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+           "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_MAX_HEADER = 100 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: pathlib.Path
+    dtype: str  # numpy dtype name
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: pathlib.Path) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header; every offset is checked against the file size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SourceError(f"{path}: truncated safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise SourceError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: corrupt safetensors header (not a JSON object)")
+    base = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dt, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(f"{path}: tensor {name}: malformed header entry") from None
+        if dt not in _DTYPES:
+            raise SourceError(f"{path}: tensor {name}: unsupported dtype {dt}")
+        dtype = _DTYPES[dt]
+        need = math.prod(shape) * np_dtype(dtype).itemsize
+        if not (0 <= b <= e) or e - b != need:
+            raise SourceError(f"{path}: tensor {name}: data offsets {b}..{e} do not fit shape {list(shape)} {dt}")
+        if base + e > size:
+            raise SourceError(f"{path}: tensor {name}: data ends at byte {base + e}, past the end of the "
+                              f"file ({size} bytes); the file is truncated")
+        out[name] = TensorInfo(name, path, dtype, shape, base + b, base + e)
+    return out
+
+
+class TensorFile:
+    """A read-only mmap of one safetensors file; tensors are numpy views into it."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self.tensors = read_header(path)
+        with open(path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else None
+
+    def array(self, info: TensorInfo) -> np.ndarray:
+        dtype = np_dtype(info.dtype)
+        if info.nbytes == 0:
+            return np.zeros(info.shape, dtype)
+        # bf16 / f16 through their 16-bit patterns: no conversion at read time.
+        raw = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.begin)
+        return raw.view(dtype).reshape(info.shape)
+
+    def release(self, info: TensorInfo) -> None:
+        """Drop a consumed tensor's pages from this process (clean file pages: nothing is lost)."""
+        if self._mm is None or info.nbytes < mmap.PAGESIZE:
+            return
+        start = info.begin - info.begin % mmap.PAGESIZE
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+        except (AttributeError, OSError, ValueError):
+            pass
+
+    def close(self):
+        if self._mm is not None:
+            self._mm.close()
+
+
+class Component:
+    """One component folder (transformer, vae, ...): its config and a name -> tensor index."""
+
+    def __init__(self, folder: pathlib.Path):
+        self.folder = folder
+        self.name = folder.name
+        cfg_path = folder / "config.json"
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            raise SourceError(f"{cfg_path}: missing") from None
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{cfg_path}: not valid JSON ({e})") from None
+        self.files = _weight_files(folder)
+        self._open: dict[pathlib.Path, TensorFile] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for path, expected in self.files.items():
+            tf = self._file(path)
+            if expected is not None:
+                missing = sorted(set(expected) - set(tf.tensors))
+                if missing:
+                    raise SourceError(f"{path}: the index names tensor {missing[0]} but the file lacks it"
+                                      + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            for name, info in tf.tensors.items():
+                if expected is not None and name not in expected:
+                    continue  # the index is authoritative for sharded repos
+                if name in self.tensors:
+                    raise SourceError(f"{path}: tensor {name} also stored in {self.tensors[name].file.name}")
+                self.tensors[name] = info
+
+    def _file(self, path: pathlib.Path) -> TensorFile:
+        if path not in self._open:
+            self._open[path] = TensorFile(path)
+        return self._open[path]
+
+    def array(self, name: str) -> np.ndarray:
+        info = self.tensors[name]
+        return self._file(info.file).array(info)
+
+    def release(self, name: str) -> None:
+        info = self.tensors[name]
+        self._file(info.file).release(info)
+
+    def close(self):
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+
+
+def _weight_files(folder: pathlib.Path) -> dict[pathlib.Path, set[str] | None]:
+    """safetensors files of a component: from its *.safetensors.index.json, or the single file."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        idx = indexes[0]
+        try:
+            weight_map = json.loads(idx.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SourceError(f"{idx}: not a safetensors index ({e})") from None
+        files: dict[pathlib.Path, set[str] | None] = {}
+        for name, fname in weight_map.items():
+            files.setdefault(folder / fname, set()).add(name)
+        for f in files:
+            if not f.exists():
+                raise SourceError(f"{f}: shard named in {idx.name} is missing")
+        return files
+    singles = sorted(folder.glob("*.safetensors"))
+    if not singles:
+        bins = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+        hint = " (only pickled torch weights found; re-save with safe_serialization=True)" if bins else ""
+        raise SourceError(f"{folder}: no safetensors weights{hint}")
+    if len(singles) > 1:
+        raise SourceError(f"{folder}: several safetensors files but no index: {', '.join(p.name for p in singles)}")
+    return {singles[0]: None}
+
+
+@dataclasses.dataclass
+class Repo:
+    root: pathlib.Path
+    source_id: str
+    revision: str | None
+    model_index: dict
+
+    def components(self) -> list[str]:
+        from wan_runtime.format import COMPONENTS
+
+        out = []
+        for name in COMPONENTS:
+            entry = self.model_index.get(name)
+            if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None:
+                if not (self.root / name).is_dir():
+                    raise SourceError(f"{self.root}: model_index.json lists {name} but the folder is missing")
+                out.append(name)
+        return out
+
+    def file_hashes(self) -> dict[str, str]:
+        """sha256 of every weight and config file (relative path -> hex); revision-independent identity."""
+        out = {}
+        for p in sorted(self.root.rglob("*")):
+            if p.is_file() and not p.name.startswith("."):
+                out[str(p.relative_to(self.root))] = _sha256(p)
+        return out
+
+
+def _sha256(path: pathlib.Path, block: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve(source: str, revision: str | None = None) -> Repo:
+    """A local folder, or a Hugging Face repo id fetched through huggingface_hub (honours HF_HOME,
+    HF_HUB_CACHE and HF_HUB_OFFLINE: with the model cached, no network is touched)."""
+    path = pathlib.Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SourceError(f"{source}: not a folder")
+        root, source_id, rev = path.resolve(), str(path.resolve()), revision
+    elif _looks_like_repo_id(source):
+        root, rev = _download(source, revision), revision
+        source_id = source
+        rev = rev or _snapshot_revision(root)
+    else:
+        raise SourceError(f"{source}: no such folder, and not a Hugging Face repo id")
+    mi = root / "model_index.json"
+    try:
+        model_index = json.loads(mi.read_text())
+    except FileNotFoundError:
+        raise SourceError(f"{mi}: missing; {source} is not a diffusers pipeline repository") from None
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{mi}: not valid JSON ({e})") from None
+    cls = str(model_index.get("_class_name", ""))
+    if not cls.startswith("Wan"):
+        raise SourceError(f"{mi}: pipeline class {cls or '(none)'} is not a Wan pipeline")
+    return Repo(root, source_id, rev, model_index)
+
+
+def _looks_like_repo_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+def _download(repo_id: str, revision: str | None) -> pathlib.Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover
+        raise SourceError(f"{repo_id}: huggingface_hub is not installed (pip install 'wan-jax[convert]')") from None
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer/*", "*/tokenizer*"]
+    try:
+        return pathlib.Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise SourceError(f"{repo_id}: no such Hugging Face repository") from None
+    except LocalEntryNotFoundError:
+        raise SourceError(f"{repo_id}: not in the local Hugging Face cache and the hub cannot be reached "
+                          "(HF_HUB_OFFLINE or no network)") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise SourceError(f"{repo_id}: download failed ({e})") from None
+
+
+def _snapshot_revision(root: pathlib.Path) -> str | None:
+    # HF cache layout: .../snapshots/<commit>/
+    return root.name if root.parent.name == "snapshots" else None
+
+
+
+
+__all__ = ["SourceError", "TensorInfo", "TensorFile", "Component", "Repo", "resolve", "read_header"]

@@ -1,0 +1,129 @@
+"""Sharding as data: mesh shapes, logical-axis rules, partition specs and shard shapes.
+
+Params carry logical axis names (see :mod:`wan_runtime.format`); one rules table maps them to the
+mesh axes ``data, fsdp, context, tensor``. The arithmetic here is pure Python so the converter can
+lay out chunks for a target mesh without touching any device; only :func:`make_mesh` and
+:func:`named_sharding` import JAX.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+
+#: logical axis -> mesh axis (or None: replicated). First-class parameters of a deployment.
+DEFAULT_RULES: dict[str, str | None] = {
+    "layers": None,
+    "embed": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
+
+class MeshError(ValueError):
+    pass
+
+
+def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
+    """``"data=1,fsdp=2,context=4"`` -> {"data": 1, "fsdp": 2, "context": 4, "tensor": 1}."""
+    shape = {a: 1 for a in MESH_AXES}
+    if spec is None or spec == "" or spec == "1":
+        return shape
+    items = spec.items() if isinstance(spec, Mapping) else (p.split("=", 1) for p in spec.split(","))
+    for item in items:
+        try:
+            name, size = item
+            name, size = str(name).strip(), int(size)
+        except ValueError:
+            raise MeshError(f"--mesh: cannot read {spec!r}; expected e.g. data=1,fsdp=2,context=4") from None
+        if name not in shape:
+            raise MeshError(f"--mesh: unknown axis {name!r}; axes are {', '.join(MESH_AXES)}")
+        if size < 1:
+            raise MeshError(f"--mesh: axis {name} must be >= 1, got {size}")
+        shape[name] = size
+    return shape
+
+
+def mesh_size(mesh_shape: Mapping[str, int]) -> int:
+    return math.prod(mesh_shape.values())
+
+
+def format_mesh(mesh_shape: Mapping[str, int]) -> str:
+    return ",".join(f"{a}={mesh_shape.get(a, 1)}" for a in MESH_AXES)
+
+
+def partition_spec(shape: Sequence[int], axes: Sequence[str | None], mesh_shape: Mapping[str, int],
+                   rules: Mapping[str, str | None] = DEFAULT_RULES) -> tuple[str | None, ...]:
+    """Mesh axis per array dimension; a dimension stays replicated when its mesh axis has size one,
+    does not divide it, or is already used by an earlier dimension."""
+    used: set[str] = set()
+    spec: list[str | None] = []
+    for dim, name in zip(shape, axes):
+        mesh_axis = rules.get(name) if name else None
+        size = mesh_shape.get(mesh_axis, 1) if mesh_axis else 1
+        if mesh_axis is None or size == 1 or dim % size or mesh_axis in used:
+            spec.append(None)
+        else:
+            spec.append(mesh_axis)
+            used.add(mesh_axis)
+    return tuple(spec)
+
+
+def shard_shape(shape: Sequence[int], spec: Sequence[str | None], mesh_shape: Mapping[str, int]) -> tuple[int, ...]:
+    return tuple(d // (mesh_shape[a] if a else 1) for d, a in zip(shape, spec))
+
+
+def chunk_shape(shape: Sequence[int], axes: Sequence[str | None], mesh_shape: Mapping[str, int],
+                itemsize: int, target_bytes: int = 64 << 20,
+                rules: Mapping[str, str | None] = DEFAULT_RULES) -> tuple[int, ...]:
+    """Storage chunk for an array: its shard shape on the mesh, one layer deep along a "layers" axis,
+    and split further along the first axis (at shard-aligned boundaries) to stay near ``target_bytes``.
+    Every chunk lies inside exactly one shard, so a device's restore reads only its own chunks."""
+    spec = partition_spec(shape, axes, mesh_shape, rules)
+    chunk = list(shard_shape(shape, spec, mesh_shape))
+    if not chunk:
+        return ()
+    for i, name in enumerate(axes):
+        if name == "layers":
+            chunk[i] = 1
+    nbytes = math.prod(chunk) * itemsize
+    lead = 0
+    while lead < len(chunk) and chunk[lead] == 1:
+        lead += 1
+    if lead < len(chunk) and nbytes > target_bytes:
+        rows = chunk[lead]
+        want = max(1, math.ceil(rows * target_bytes / nbytes))
+        # a divisor of the shard rows keeps chunks inside shards; if the shard is the whole axis,
+        # any split is fine (the edge chunk is partial).
+        whole_axis = spec[lead] is None
+        best = rows
+        for c in range(want, rows + 1):
+            if whole_axis or rows % c == 0:
+                best = c
+                break
+        chunk[lead] = best
+    return tuple(chunk)
+
+
+# ---------------------------------------------------------------------------------------- JAX
+def make_mesh(mesh_shape: Mapping[str, int], devices=None):
+    """A ``jax.sharding.Mesh`` with the four named axes (Auto axis types, GSPMD propagation)."""
+    import jax
+    import numpy as np
+    from jax.sharding import AxisType, Mesh
+
+    devices = list(jax.devices() if devices is None else devices)
+    n = mesh_size(mesh_shape)
+    if n > len(devices):
+        raise MeshError(f"--mesh {format_mesh(mesh_shape)} needs {n} devices; {len(devices)} available")
+    arr = np.array(devices[:n]).reshape([mesh_shape[a] for a in MESH_AXES])
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def named_sharding(mesh, shape, axes, rules: Mapping[str, str | None] = DEFAULT_RULES):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape))
+    return NamedSharding(mesh, PartitionSpec(*partition_spec(shape, axes, mesh_shape, rules)))
