@@ -1,0 +1,1 @@
+"""Wan models: pure-JAX functions over param trees."""

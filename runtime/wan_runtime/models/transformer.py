@@ -1,0 +1,291 @@
+"""The Wan 2.1 / 2.2 video diffusion transformer (diffusers ``WanTransformer3DModel``) in pure JAX.
+
+Params are the nested dict of ``wan_runtime.format.transformer_tree``: blocks stacked on a leading
+layer axis L, linear weights in torch (out, in) layout. Shapes: B batch, C channels, (F, H, W) latent
+grid, (F', H', W') = grid / patch, S = F'H'W' video tokens, D = heads * Dh model width, Sc context
+tokens. The forward is split so a denoise loop can precompute per generation (``rope_tables``,
+``embed_text`` / ``embed_image`` + ``cross_kv``) and per step (``embed_time``), and a caching
+policy can wrap ``run_blocks`` (block residual = its output minus its input).
+
+Numerics follow diffusers: weights are cast to the compute dtype at use, while the time embedder,
+modulation (scale_shift_table + temb), LayerNorms, RMSNorms and RoPE run in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .attention import attention
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class WanTransformerConfig:
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_heads: int = 40
+    head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    pos_embed_seq_len: int | None = None
+    rope_max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @classmethod
+    def from_config(cls, c: Mapping[str, Any]) -> "WanTransformerConfig":
+        """From a diffusers transformer config.json dict (missing keys take diffusers' defaults)."""
+        d = cls()
+        get = lambda k, default: default if c.get(k) is None else c[k]  # noqa: E731
+        cin = get("in_channels", d.in_channels)
+        return cls(
+            patch_size=tuple(get("patch_size", d.patch_size)), num_heads=get("num_attention_heads", d.num_heads),
+            head_dim=get("attention_head_dim", d.head_dim), in_channels=cin, out_channels=get("out_channels", cin),
+            text_dim=get("text_dim", d.text_dim), freq_dim=get("freq_dim", d.freq_dim),
+            ffn_dim=get("ffn_dim", d.ffn_dim), num_layers=get("num_layers", d.num_layers),
+            cross_attn_norm=bool(get("cross_attn_norm", True)), qk_norm=c.get("qk_norm", d.qk_norm),
+            eps=float(get("eps", d.eps)), image_dim=c.get("image_dim"), added_kv_proj_dim=c.get("added_kv_proj_dim"),
+            pos_embed_seq_len=c.get("pos_embed_seq_len"), rope_max_seq_len=get("rope_max_seq_len", 1024))
+
+
+# ------------------------------------------------------------------------------------------
+# primitives
+# ------------------------------------------------------------------------------------------
+def linear(x, p, dtype):
+    """torch Linear: x (..., in) @ W (out, in)^T + b, in ``dtype``."""
+    y = jnp.einsum("...i,oi->...o", x.astype(dtype), p["weight"].astype(dtype))
+    return y + p["bias"].astype(dtype) if "bias" in p else y
+
+
+def layer_norm(x, eps, p=None):
+    """LayerNorm over the last axis in float32 (optionally affine); returns float32."""
+    x = x.astype(F32)
+    mu = x.mean(-1, keepdims=True)
+    y = (x - mu) * jax.lax.rsqrt(jnp.square(x - mu).mean(-1, keepdims=True) + eps)
+    return y if p is None else y * p["weight"].astype(F32) + p["bias"].astype(F32)
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm over the last (full D) axis in float32, result in x's dtype."""
+    x32 = x.astype(F32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps) * weight.astype(F32)
+    return y.astype(x.dtype)
+
+
+def split_heads(x, heads):  # (..., S, D) -> (..., S, H, Dh)
+    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
+# ------------------------------------------------------------------------------------------
+# RoPE
+# ------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=32)
+def _rope_np(head_dim: int, theta: float, grid: tuple[int, int, int]):
+    hw = 2 * (head_dim // 6)
+    dims = (head_dim - 2 * hw, hw, hw)  # [t | h | w], e.g. 128 -> 44 / 42 / 42
+    axes = []
+    for d, n in zip(dims, grid):
+        freqs = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)  # (d/2,)
+        axes.append(np.arange(n, dtype=np.float64)[:, None] * freqs)       # (n, d/2)
+    f, h, w = grid
+    ang = np.concatenate([np.broadcast_to(axes[0][:, None, None], (f, h, w, dims[0] // 2)),
+                          np.broadcast_to(axes[1][None, :, None], (f, h, w, dims[1] // 2)),
+                          np.broadcast_to(axes[2][None, None, :], (f, h, w, dims[2] // 2))], -1)
+    ang = ang.reshape(f * h * w, head_dim // 2)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def rope_tables(cfg: WanTransformerConfig, grid: tuple[int, int, int]):
+    """(cos, sin), each (S, Dh/2) float32, for the post-patch grid (F', H', W'); cached per shape.
+
+    Pair j of a head (channels 2j, 2j+1) rotates by angle pos_axis * theta^(-2k/d_axis), the axis
+    chosen by j's slot in [t | h | w] (diffusers ``WanRotaryPosEmbed``, whose tables repeat each
+    value twice; here each is stored once).
+    """
+    return _rope_np(cfg.head_dim, float(cfg.rope_theta), tuple(int(g) for g in grid))
+
+
+def apply_rope(x, rope):
+    """Interleaved-pair rotation of x (B, S, H, Dh) in float32; result in x's dtype."""
+    cos, sin = (t[:, None, :] for t in rope)                     # (S, 1, Dh/2)
+    x1, x2 = jnp.moveaxis(x.astype(F32).reshape(*x.shape[:-1], -1, 2), -1, 0)
+    out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# embeddings
+# ------------------------------------------------------------------------------------------
+def timestep_sinusoid(t, dim: int):
+    """diffusers Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0): (...,) -> (..., dim) [cos | sin]."""
+    half = dim // 2
+    expo = np.float32(-math.log(10000.0)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = np.exp(expo.astype(np.float64)).astype(np.float32)  # float32 table, correctly rounded
+    arg = t.astype(F32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(arg), jnp.sin(arg)], -1)
+
+
+def embed_time(params, cfg: WanTransformerConfig, timestep, dtype=F32):
+    """timestep (B,) or per-token (B, S) -> temb (B[, S], D) in dtype, timestep_proj (B[, S], 6, D) in dtype.
+
+    The time embedder runs in float32 (linear, SiLU, linear); time_proj = linear(SiLU(temb))."""
+    ce = params["condition_embedder"]
+    h = timestep_sinusoid(jnp.asarray(timestep), cfg.freq_dim)
+    h = linear(jax.nn.silu(linear(h, ce["time_embedder"]["linear_1"], F32)), ce["time_embedder"]["linear_2"], F32)
+    temb = h.astype(dtype)
+    proj = linear(jax.nn.silu(temb), ce["time_proj"], dtype)
+    return temb, proj.reshape(*proj.shape[:-1], 6, cfg.dim)
+
+
+def embed_text(params, cfg: WanTransformerConfig, text_emb, dtype=F32):
+    """text_emb (B, St, text_dim) -> context (B, St, D): linear, GELU(tanh), linear."""
+    te = params["condition_embedder"]["text_embedder"]
+    return linear(jax.nn.gelu(linear(text_emb, te["linear_1"], dtype), approximate=True), te["linear_2"], dtype)
+
+
+def embed_image(params, cfg: WanTransformerConfig, image_emb, dtype=F32):
+    """CLIP tokens (B, Si, image_dim) -> (B, Si, D): LN(1e-5), linear, GELU(exact), linear, LN(1e-5).
+
+    FLF2V (pos_embed_seq_len): (2B, Si, I) is viewed as (B, 2Si, I) and pos_embed is added."""
+    ie = params["condition_embedder"]["image_embedder"]
+    x = image_emb
+    if "pos_embed" in ie:
+        x = x.reshape(-1, 2 * x.shape[1], x.shape[2]) + ie["pos_embed"].astype(x.dtype)
+    x = layer_norm(x, 1e-5, ie["norm1"]).astype(dtype)
+    x = linear(jax.nn.gelu(linear(x, ie["ff"]["fc_in"], dtype), approximate=False), ie["ff"]["fc_out"], dtype)
+    return layer_norm(x, 1e-5, ie["norm2"]).astype(dtype)
+
+
+def cross_kv(params, cfg: WanTransformerConfig, context, dtype=F32, n_image: int = 0):
+    """Per-layer cross-attention K/V, computed once per generation (the cross-attention KV cache).
+
+    context (B, Sc, D) = [image tokens (n_image) | text tokens], as diffusers concatenates them.
+    Returns {"k", "v"}: (L, B, St, H, Dh) for the text tokens, plus {"k_img", "v_img"}:
+    (L, B, n_image, H, Dh) through add_k_proj / add_v_proj when the model has them and n_image > 0.
+    K is RMS-normed over the full D (norm_k / norm_added_k) before the head split.
+    """
+    a = params["blocks"]["attn2"]
+    ctx = context.astype(dtype)
+
+    def kv(x, pk, pv, norm):  # x (B, s, D_in); stacked weights (L, D, D_in) -> (L, B, s, H, Dh)
+        k = jnp.einsum("bsi,loi->lbso", x, pk["weight"].astype(dtype)) + pk["bias"].astype(dtype)[:, None, None]
+        v = jnp.einsum("bsi,loi->lbso", x, pv["weight"].astype(dtype)) + pv["bias"].astype(dtype)[:, None, None]
+        if norm is not None:
+            k = rms_norm(k, norm[:, None, None], cfg.eps)
+        return split_heads(k, cfg.num_heads), split_heads(v, cfg.num_heads)
+
+    out = dict(zip(("k", "v"), kv(ctx[:, n_image:], a["to_k"], a["to_v"],
+                                  a["norm_k"]["weight"] if cfg.qk_norm else None)))
+    if n_image and "add_k_proj" in a:
+        out["k_img"], out["v_img"] = kv(ctx[:, :n_image], a["add_k_proj"], a["add_v_proj"],
+                                        a["norm_added_k"]["weight"])
+    return out
+
+
+def patchify(params, cfg: WanTransformerConfig, latents, dtype=F32):
+    """Conv3d with stride = kernel: latents (B, C, F, H, W) -> tokens (B, S, D), S in (F', H', W') order."""
+    B, C, F, H, W = latents.shape
+    pt, ph, pw = cfg.patch_size
+    x = latents.astype(dtype).reshape(B, C, F // pt, pt, H // ph, ph, W // pw, pw)
+    w = params["patch_embedding"]["weight"].astype(dtype)                     # (D, C, pt, ph, pw)
+    x = jnp.einsum("bcfphqwr,dcpqr->bfhwd", x, w)
+    x = x + params["patch_embedding"]["bias"].astype(dtype)
+    return x.reshape(B, -1, cfg.dim)
+
+
+def unpatchify_head(params, cfg: WanTransformerConfig, x, temb, grid):
+    """Output head: norm_out (LN, no affine, fp32) modulated by scale_shift_table + temb, proj_out,
+    then tokens (B, S, Cout*pt*ph*pw) -> (B, Cout, F, H, W) float32."""
+    dtype = x.dtype
+    t = temb[:, None] if temb.ndim == 2 else temb                              # (B, S|1, D)
+    mod = params["scale_shift_table"].astype(F32) + t[:, :, None, :].astype(F32)  # (B, S|1, 2, D)
+    shift, scale = mod[:, :, 0], mod[:, :, 1]
+    x = (layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(dtype)
+    x = linear(x, params["proj_out"], dtype)
+    B, (f, h, w), (pt, ph, pw) = x.shape[0], grid, cfg.patch_size
+    x = x.reshape(B, f, h, w, pt, ph, pw, -1).transpose(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(B, -1, f * pt, h * ph, w * pw).astype(F32)
+
+
+# ------------------------------------------------------------------------------------------
+# blocks
+# ------------------------------------------------------------------------------------------
+def block(p, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype):
+    """One WanTransformerBlock. p: one layer of params['blocks']; x (B, S, D) in dtype;
+    temb_proj (B, 6, D) or (B, S, 6, D); rope (cos, sin); kv: one layer of ``cross_kv``."""
+    H = cfg.num_heads
+    tp = temb_proj[:, None] if temb_proj.ndim == 3 else temb_proj             # (B, S|1, 6, D)
+    mod = p["scale_shift_table"].astype(F32) + tp.astype(F32)
+    shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
+
+    def qnorm(q, attn, name):
+        return rms_norm(q, attn[name]["weight"], cfg.eps) if cfg.qk_norm else q
+
+    # 1. self-attention (RoPE after the q/k RMSNorm over the full D)
+    a = p["attn1"]
+    h = (layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(dtype)
+    q = apply_rope(split_heads(qnorm(linear(h, a["to_q"], dtype), a, "norm_q"), H), rope)
+    k = apply_rope(split_heads(qnorm(linear(h, a["to_k"], dtype), a, "norm_k"), H), rope)
+    v = split_heads(linear(h, a["to_v"], dtype), H)
+    o = attention(q, k, v).reshape(x.shape)
+    x = (x.astype(F32) + linear(o, a["to_out"], dtype) * gate).astype(dtype)
+
+    # 2. cross-attention on the precomputed K/V (image branch added before to_out); no gate
+    a = p["attn2"]
+    h = (layer_norm(x, cfg.eps, p["norm2"]) if cfg.cross_attn_norm else x).astype(dtype)
+    q = split_heads(qnorm(linear(h, a["to_q"], dtype), a, "norm_q"), H)
+    o = attention(q, kv["k"], kv["v"])
+    if "k_img" in kv:
+        o = o + attention(q, kv["k_img"], kv["v_img"])
+    x = x + linear(o.reshape(x.shape), a["to_out"], dtype)
+
+    # 3. feed-forward (GELU tanh)
+    h = (layer_norm(x, cfg.eps) * (1 + c_scale) + c_shift).astype(dtype)
+    f = linear(jax.nn.gelu(linear(h, p["ffn"]["fc_in"], dtype), approximate=True), p["ffn"]["fc_out"], dtype)
+    return (x.astype(F32) + f.astype(F32) * c_gate).astype(dtype)
+
+
+def run_blocks(params, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype):
+    """All blocks: ``lax.scan`` over the stacked layer axis of params['blocks'] and of kv."""
+    def step(x, layer):
+        p, kv_l = layer
+        return block(p, x, temb_proj, rope, kv_l, cfg, dtype), None
+
+    x, _ = jax.lax.scan(step, x, (params["blocks"], kv))
+    return x
+
+
+def forward(params, cfg: WanTransformerConfig, latents, timestep, text_emb, image_emb=None, *, dtype=F32):
+    """Predicted flow (B, Cout, F, H, W) float32 for latents (B, Cin, F, H, W), timestep (B,) or (B, S),
+    text_emb (B, St, text_dim) and, for Wan 2.1 I2V, CLIP image tokens image_emb (B, Si, image_dim)."""
+    _, _, F, H, W = latents.shape
+    pt, ph, pw = cfg.patch_size
+    grid = (F // pt, H // ph, W // pw)
+    rope = rope_tables(cfg, grid)
+    x = patchify(params, cfg, latents, dtype)
+    temb, temb_proj = embed_time(params, cfg, timestep, dtype)
+    context, n_image = embed_text(params, cfg, text_emb, dtype), 0
+    if image_emb is not None:
+        img = embed_image(params, cfg, image_emb, dtype)
+        context, n_image = jnp.concatenate([img, context], axis=1), img.shape[1]
+    kv = cross_kv(params, cfg, context, dtype, n_image)
+    x = run_blocks(params, x, temb_proj, rope, kv, cfg, dtype)
+    return unpatchify_head(params, cfg, x, temb, grid)
