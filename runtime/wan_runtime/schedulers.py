@@ -201,9 +201,10 @@ def expert_boundary_index(timesteps, boundary_ratio: float, num_train_timesteps:
 # ----------------------------------------------------------------------------- jittable step
 
 
-def init_state(schedule: Schedule, latents, dtype=jnp.float32):
-    """Initial carry for `step`: a UniPCState of zeros (unipc) or () (euler)."""
-    if isinstance(schedule.arrays, EulerArrays):
+def init_state(schedule: "Schedule | UniPCArrays | EulerArrays", latents, dtype=jnp.float32):
+    """Initial carry for `step` (from a Schedule or its arrays): a UniPCState of zeros (unipc) or () (euler)."""
+    arrays = schedule.arrays if isinstance(schedule, Schedule) else schedule
+    if isinstance(arrays, EulerArrays):
         return ()
     zeros = jnp.zeros(latents.shape, dtype)
     return UniPCState(x0_prev=zeros, x0_prev2=zeros, last_sample=zeros)

@@ -52,18 +52,22 @@ class WanTransformerConfig:
 
     @classmethod
     def from_config(cls, c: Mapping[str, Any]) -> "WanTransformerConfig":
-        """From a diffusers transformer config.json dict (missing keys take diffusers' defaults)."""
+        """From a diffusers transformer config.json dict (absent / null keys take diffusers' defaults)."""
         d = cls()
-        get = lambda k, default: default if c.get(k) is None else c[k]  # noqa: E731
+
+        def get(key, default):
+            return default if c.get(key) is None else c[key]
+
         cin = get("in_channels", d.in_channels)
         return cls(
-            patch_size=tuple(get("patch_size", d.patch_size)), num_heads=get("num_attention_heads", d.num_heads),
-            head_dim=get("attention_head_dim", d.head_dim), in_channels=cin, out_channels=get("out_channels", cin),
+            patch_size=tuple(get("patch_size", d.patch_size)),
+            num_heads=get("num_attention_heads", d.num_heads), head_dim=get("attention_head_dim", d.head_dim),
+            in_channels=cin, out_channels=get("out_channels", cin),  # diffusers: out_channels or in_channels
             text_dim=get("text_dim", d.text_dim), freq_dim=get("freq_dim", d.freq_dim),
             ffn_dim=get("ffn_dim", d.ffn_dim), num_layers=get("num_layers", d.num_layers),
-            cross_attn_norm=bool(get("cross_attn_norm", True)), qk_norm=c.get("qk_norm", d.qk_norm),
+            cross_attn_norm=bool(get("cross_attn_norm", d.cross_attn_norm)), qk_norm=c.get("qk_norm", d.qk_norm),
             eps=float(get("eps", d.eps)), image_dim=c.get("image_dim"), added_kv_proj_dim=c.get("added_kv_proj_dim"),
-            pos_embed_seq_len=c.get("pos_embed_seq_len"), rope_max_seq_len=get("rope_max_seq_len", 1024))
+            pos_embed_seq_len=c.get("pos_embed_seq_len"), rope_max_seq_len=get("rope_max_seq_len", d.rope_max_seq_len))
 
 
 # ------------------------------------------------------------------------------------------
@@ -110,7 +114,9 @@ def _rope_np(head_dim: int, theta: float, grid: tuple[int, int, int]):
                           np.broadcast_to(axes[1][None, :, None], (f, h, w, dims[1] // 2)),
                           np.broadcast_to(axes[2][None, None, :], (f, h, w, dims[2] // 2))], -1)
     ang = ang.reshape(f * h * w, head_dim // 2)
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    cos.flags.writeable = sin.flags.writeable = False  # shared by the cache
+    return cos, sin
 
 
 def rope_tables(cfg: WanTransformerConfig, grid: tuple[int, int, int]):

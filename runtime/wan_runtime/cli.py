@@ -1,0 +1,154 @@
+"""``wan-run``: generate a video from a converted checkpoint."""
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import time
+
+import click
+
+from . import __version__
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _fail(debug: bool, e: BaseException):
+    if debug:
+        raise e
+    click.echo(f"wan-run: error: {e}", err=True)
+    sys.exit(2)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", required=True, type=click.Path(), help="a checkpoint written by wan-convert")
+@click.option("--preset", default=None, help="configs/ preset name or .toml path (default: matched to the checkpoint)")
+@click.option("--prompt", required=True)
+@click.option("--negative-prompt", default=None, help="default: the preset's, else Wan's standard negative prompt")
+@click.option("--height", type=int, default=None)
+@click.option("--width", type=int, default=None)
+@click.option("--frames", type=int, default=None, help="number of frames, 4k+1")
+@click.option("--steps", type=int, default=None)
+@click.option("--guidance", type=float, default=None, help="guidance scale (1.0 or less: no unconditional pass)")
+@click.option("--guidance-2", type=float, default=None, help="guidance of the low-noise expert (Wan 2.2 A14B)")
+@click.option("--flow-shift", type=float, default=None)
+@click.option("--scheduler", type=click.Choice(["unipc", "euler"]), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
+              help="every compute dtype at once (the scheduler stays float32)")
+@click.option("--mesh", default=None, help="e.g. data=1,fsdp=2,context=4 (default: one device)")
+@click.option("--fps", type=int, default=None)
+@click.option("--latents", type=click.Path(), default=None, help="initial latents .npy, (C, F', H', W') or (1, C, F', H', W')")
+@click.option("--output", "-o", default="out.mp4", show_default=True, help="out.mp4, or out.npy for float32 frames in [0, 1]")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+@click.version_option(__version__, prog_name="wan-run")
+def main(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
+         scheduler, seed, dtype, mesh, fps, latents, output, quiet, debug):
+    """Generate a video from a converted Wan checkpoint."""
+    try:
+        run(**locals())
+    except KeyboardInterrupt:
+        click.echo("wan-run: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - user-facing errors are one line; --debug shows the traceback
+        if debug or not _is_user_error(e):
+            raise
+        _fail(debug, e)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    from .checkpoint import CheckpointError
+    from .format import FormatError
+    from .pipeline import InputError
+    from .presets import PresetError
+    from .sharding import MeshError
+
+    return isinstance(e, (UsageError, CheckpointError, FormatError, InputError, PresetError, MeshError, OSError))
+
+
+def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
+        scheduler, seed, dtype, mesh, fps, latents, output, quiet, debug):
+    import numpy as np
+
+    from . import presets as presets_lib
+    from .checkpoint import open_checkpoint
+    from .pipeline import DEFAULT_NEGATIVE, validate_request
+
+    # ---- everything that can be checked before loading weights
+    out = pathlib.Path(output)
+    if out.suffix not in (".mp4", ".npy"):
+        raise UsageError(f"--output: {output} must end in .mp4 or .npy")
+    out_dir = out.parent if str(out.parent) else pathlib.Path(".")
+    if not out_dir.is_dir() or not os.access(out_dir, os.W_OK):
+        raise UsageError(f"--output: folder {out_dir} does not exist or is not writable")
+    if not prompt.strip():
+        raise UsageError("--prompt: empty prompt")
+    ckpt = open_checkpoint(checkpoint)
+    p = presets_lib.load(preset) if preset else presets_lib.for_checkpoint(ckpt.family, ckpt.config("transformer"))
+    over = dict(height=height, width=width, frames=frames, steps=steps, guidance=guidance, guidance_2=guidance_2,
+                flow_shift=flow_shift, scheduler=scheduler, fps=fps, mesh=mesh)
+    s = {**{"scheduler": "unipc", "fps": 16, "guidance": 5.0, "max_sequence_length": 512}, **p,
+         **{k: v for k, v in over.items() if v is not None}}
+    for key in ("height", "width", "frames", "steps"):
+        if key not in s:
+            raise UsageError(f"--{key}: not set and preset {p['name']} has no default")
+    if negative_prompt is None:
+        negative_prompt = s.get("negative_prompt", DEFAULT_NEGATIVE)
+    validate_request(ckpt, s["height"], s["width"], s["frames"], s["steps"], s["guidance"])
+    init = None
+    if latents is not None:
+        try:
+            init = np.load(latents)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--latents: cannot read {latents} ({e})") from None
+
+    # ---- load, generate
+    from .pipeline import WanPipeline
+    from .video import write_mp4, write_npy, write_sidecar
+
+    pipe = WanPipeline.from_converted(checkpoint, mesh=s.get("mesh"), dtype=dtype)
+    if "boundary" in s:
+        pipe.boundary_ratio = s["boundary"]
+    bar = None
+    if not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=s["steps"], desc="denoise", unit="step", leave=False)
+    progress = (lambda i: bar.update(1)) if bar is not None else None
+    frames_out = pipe(prompt, negative_prompt, height=s["height"], width=s["width"], num_frames=s["frames"],
+                      num_inference_steps=s["steps"], guidance_scale=s["guidance"], guidance_scale_2=s.get("guidance_2"),
+                      seed=seed, latents=init, flow_shift=s.get("flow_shift"), scheduler=s["scheduler"],
+                      max_sequence_length=s["max_sequence_length"],
+                      output_type="np" if out.suffix == ".npy" else "uint8", progress=progress)
+    if bar is not None:
+        bar.close()
+    if pipe.last_truncated.any():
+        click.echo(f"wan-run: warning: a prompt was longer than {s['max_sequence_length']} tokens and was truncated", err=True)
+    t0 = time.perf_counter()
+    if out.suffix == ".npy":
+        write_npy(out, frames_out)
+    else:
+        write_mp4(out, frames_out, fps=s["fps"])
+    write_seconds = time.perf_counter() - t0
+    record = {
+        "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+        "model": {"checkpoint": str(pathlib.Path(checkpoint).resolve()), "family": ckpt.family,
+                  "source": ckpt.manifest.get("source", {}).get("id")},
+        "preset": p["name"],
+        "settings": {k: s[k] for k in ("height", "width", "frames", "steps", "guidance", "guidance_2", "flow_shift",
+                                       "scheduler", "fps", "max_sequence_length", "boundary", "mesh") if k in s}
+        | {"dtype": dtype, "latents": latents},
+        "timings": pipe.timings.as_dict() | {"write": round(write_seconds, 4)},
+        "wan_run": __version__,
+    }
+    write_sidecar(out, record)
+    click.echo(pipe.timings.summary())
+    click.echo(f"wrote {out} ({frames_out.shape[0]} frames, {frames_out.shape[2]}x{frames_out.shape[1]}) "
+               f"and {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

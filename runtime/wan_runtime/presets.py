@@ -1,0 +1,66 @@
+"""Presets: per-model generation defaults from configs/*.toml; every value can be overridden."""
+from __future__ import annotations
+
+import os
+import pathlib
+import tomllib
+from typing import Any, Mapping
+
+#: every setting a preset may hold, with its type; the CLI flags of the same names override them
+SETTINGS: dict[str, type] = {
+    "height": int, "width": int, "frames": int, "steps": int, "guidance": float, "guidance_2": float,
+    "flow_shift": float, "boundary": float, "fps": int, "scheduler": str, "negative_prompt": str,
+    "max_sequence_length": int, "mesh": str,
+}
+META = {"description", "family", "heads", "auto"}
+
+
+class PresetError(ValueError):
+    pass
+
+
+def config_dir() -> pathlib.Path:
+    env = os.environ.get("WAN_JAX_CONFIGS")
+    if env:
+        return pathlib.Path(env)
+    return pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in config_dir().glob("*.toml"))
+
+
+def load(name_or_path: str) -> dict[str, Any]:
+    path = pathlib.Path(name_or_path)
+    if path.suffix != ".toml":
+        path = config_dir() / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise PresetError(f"--preset: unknown preset {name_or_path!r}; available: {', '.join(available())}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise PresetError(f"{path}: {e}") from None
+    for k, v in data.items():
+        if k in META:
+            continue
+        if k not in SETTINGS:
+            raise PresetError(f"{path}: unknown setting {k!r}; settings are {', '.join(sorted(SETTINGS))}")
+        try:
+            data[k] = SETTINGS[k](v)
+        except (TypeError, ValueError):
+            raise PresetError(f"{path}: {k} = {v!r} is not a {SETTINGS[k].__name__}") from None
+    data["name"] = path.stem
+    return data
+
+
+def for_checkpoint(family: str, transformer_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The preset that matches a checkpoint: tiny models get 'tiny', published ones theirs by family and width."""
+    heads = transformer_config.get("num_attention_heads")
+    dim = heads * transformer_config.get("attention_head_dim", 128)
+    if dim < 1024:
+        return load("tiny")
+    for name in available():
+        p = load(name)
+        if p.get("family") == family and p.get("heads") == heads and p.get("auto", True):
+            return p
+    raise PresetError(f"no preset matches a {family} checkpoint with {heads} heads; pass --preset")
