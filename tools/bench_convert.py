@@ -55,7 +55,7 @@ def copy_limit(src: pathlib.Path, threads: int) -> tuple[float, int]:
     return dt, total
 
 
-def run_convert(src: pathlib.Path, out: pathlib.Path, threads: int | None) -> tuple[float, float, str]:
+def run_convert(src: pathlib.Path, out: pathlib.Path, threads: int | None, fsync: bool = False) -> tuple[float, float, str]:
     shutil.rmtree(out, ignore_errors=True)
     # VmHWM (this process image's peak RSS) is printed at exit; ru_maxrss would include the fork
     wrapper = ("import atexit, sys, re\n"
@@ -66,6 +66,8 @@ def run_convert(src: pathlib.Path, out: pathlib.Path, threads: int | None) -> tu
     cmd = [sys.executable, "-c", wrapper, str(src), str(out), "--only", "transformer", "-q", "--no-hash"]
     if threads:
         cmd += ["--threads", str(threads)]
+    if fsync:
+        cmd += ["--fsync"]
     env = {"PYTHONPATH": f"{ROOT / 'runtime'}:{ROOT / 'convert'}", "PATH": "/usr/bin:/bin"}
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -100,15 +102,18 @@ def main(argv=None) -> int:
     for r in range(args.repeat):
         dt_copy, nbytes = copy_limit(src, args.copy_threads)
         dt_conv, rss_gb, line = run_convert(src, args.workdir / "converted", args.threads)
+        dt_sync, _, _ = run_convert(src, args.workdir / "converted", args.threads, fsync=True)
         rows.append(dict(copy_gbps=nbytes / dt_copy / 1e9, convert_gbps=nbytes / dt_conv / 1e9,
-                         ratio=dt_copy / dt_conv, peak_rss_gb=rss_gb, input_gb=nbytes / 1e9, convert_s=dt_conv))
+                         ratio=dt_copy / dt_conv, fsync_gbps=nbytes / dt_sync / 1e9, fsync_ratio=dt_copy / dt_sync,
+                         peak_rss_gb=rss_gb, input_gb=nbytes / 1e9, convert_s=dt_conv))
     best = max(rows, key=lambda r: r["ratio"])
     print(f"\nconvert {args.model}: {best['input_gb']:.2f} GB FP32 input (machine: {_machine()})")
-    print(f"{'run':>4} {'copy limit GB/s':>16} {'convert GB/s':>13} {'ratio':>6} {'peak RSS GB':>12}")
+    print(f"{'run':>4} {'copy limit GB/s':>16} {'convert GB/s':>13} {'ratio':>6} {'--fsync GB/s':>13} {'ratio':>6} {'peak RSS GB':>12}")
     for i, r in enumerate(rows):
-        print(f"{i:>4} {r['copy_gbps']:>16.2f} {r['convert_gbps']:>13.2f} {r['ratio']:>6.2f} {r['peak_rss_gb']:>12.2f}")
-    print("(convert = whole wan-convert process incl. startup, writing bf16 zarr3 with crc32c, fsync'd; "
-          "copy limit = numpy mmap read + bf16 cast into memory)")
+        print(f"{i:>4} {r['copy_gbps']:>16.2f} {r['convert_gbps']:>13.2f} {r['ratio']:>6.2f} {r['fsync_gbps']:>13.2f} "
+              f"{r['fsync_ratio']:>6.2f} {r['peak_rss_gb']:>12.2f}")
+    print("(convert = the whole wan-convert process incl. startup, writing bf16 zarr3 chunks + crc32c; --fsync also "
+          "flushes to disk before the commit; copy limit = numpy mmap read + bf16 cast into memory; GB/s of FP32 input)")
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "runs": rows, "machine": _machine()}, indent=1))
     return 0

@@ -50,14 +50,15 @@ def main():
 @click.option("--verify", "then_verify", is_flag=True, help="re-read everything and compare with SOURCE")
 @click.option("--no-hash", is_flag=True, help="skip sha256 of the source files in the manifest")
 @click.option("--only", default=None, help="comma-separated components to convert (e.g. transformer)")
+@click.option("--fsync", is_flag=True, help="flush every file to disk before the final rename (power-loss safe)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 @click.option("--debug", is_flag=True, help="show tracebacks")
-def convert_cmd(source, output, weights_dtype, mesh, force, threads, revision, then_verify, no_hash, only, quiet, debug):
+def convert_cmd(source, output, weights_dtype, mesh, force, threads, revision, then_verify, no_hash, only, fsync, quiet, debug):
     """Convert SOURCE into a checkpoint at OUTPUT."""
     try:
         s = convert(source, output, weights_dtype=weights_dtype, mesh=mesh, force=force, threads=threads,
                     progress=not quiet and sys.stderr.isatty(), revision=revision, hash_source=not no_hash,
-                    only=[c.strip() for c in only.split(",")] if only else None)
+                    only=[c.strip() for c in only.split(",")] if only else None, fsync=fsync)
         click.echo(s.line())
         if then_verify:
             n = verify(s.output, source, threads=threads or default_threads())

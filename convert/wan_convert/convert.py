@@ -13,9 +13,11 @@ existing OUTPUT is replaced only with ``force`` and only after the new checkpoin
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
+import struct
 import pathlib
 import shutil
 import threading
@@ -30,6 +32,11 @@ from wan_runtime import sharding
 from . import __version__
 from .mapping import Target, plan
 from .source import Component, Repo, SourceError, resolve
+
+try:  # hardware crc32c (SSE4.2 / ARMv8); without it TensorStore encodes the chunks
+    from crc32c import crc32c as _crc32c
+except ImportError:  # pragma: no cover
+    _crc32c = None
 
 COPIED_FOLDERS = ("tokenizer", "scheduler", "image_processor", "feature_extractor")
 
@@ -73,6 +80,8 @@ def ts_context(threads: int):
 class _Unit:
     target: Target
     array: object  # tensorstore.TensorStore
+    folder: pathlib.Path
+    chunks: tuple[int, ...]
     layer: int  # index into target.sources
     rows: slice  # along the first axis of the (per-layer) source array
     nbytes_in: int
@@ -94,33 +103,79 @@ class _Buffers(threading.local):
         return buf
 
 
-def _units(target: Target, array, chunks: tuple[int, ...]) -> list[_Unit]:
+def _units(target: Target, array, folder: pathlib.Path, chunks: tuple[int, ...]) -> list[_Unit]:
     leaf = target.leaf
     if target.stacked:
         per = target.sources[0].nbytes if target.sources[0] else 0
-        return [_Unit(target, array, i, slice(None), per) for i in range(len(target.sources))]
+        return [_Unit(target, array, folder, chunks, i, slice(None), per) for i in range(len(target.sources))]
     if not leaf.shape:
-        return [_Unit(target, array, 0, slice(None), target.in_bytes)]
+        return [_Unit(target, array, folder, chunks, 0, slice(None), target.in_bytes)]
     rows, step = leaf.shape[0], max(1, chunks[0])
     out = []
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        out.append(_Unit(target, array, 0, slice(r0, r1), target.in_bytes * (r1 - r0) // max(rows, 1)))
+        out.append(_Unit(target, array, folder, chunks, 0, slice(r0, r1), target.in_bytes * (r1 - r0) // max(rows, 1)))
     return out
 
 
-def _run_unit(u: _Unit, comp: Component, buffers: _Buffers) -> int:
+def _run_unit(u: _Unit, comp: Component, buffers: _Buffers, folder: pathlib.Path, chunks: tuple[int, ...]) -> int:
+    """One unit: cast the source region chunk by chunk into a reused buffer and write each chunk file."""
     tgt, leaf = u.target, u.target.leaf
     info = tgt.sources[u.layer]
     want = leaf.shape[1:] if tgt.stacked else leaf.shape
     src = comp.array(info.name).reshape(want)[u.rows]
-    buf = buffers.get(src.shape, fmt.np_dtype(leaf.dtype))
-    np.copyto(buf, src, casting="unsafe")
-    dest = u.array[u.layer] if tgt.stacked else u.array[u.rows]
-    dest.write(buf).result()
+    dtype = fmt.np_dtype(leaf.dtype)
+    if not leaf.shape or _crc32c is None:  # generic path: TensorStore encodes and writes
+        buf = buffers.get(src.shape, dtype)
+        np.copyto(buf, src, casting="unsafe")
+        (u.array[u.layer] if tgt.stacked else u.array[u.rows]).write(buf).result()
+        written = buf.nbytes
+    else:
+        if tgt.stacked:
+            src, row = src[None], u.layer
+        else:
+            row = (u.rows.start or 0) // chunks[0]
+        written = _write_chunks(folder / tgt.path, src, row, chunks, dtype, buffers)
     if tgt.stacked or u.rows.stop is None or u.rows.stop >= (leaf.shape[0] if leaf.shape else 0):
         comp.release(info.name)
-    return buf.nbytes
+    return written
+
+
+def _write_chunks(array_dir: pathlib.Path, src: np.ndarray, row: int, chunks: tuple[int, ...], dtype,
+                  buffers: _Buffers) -> int:
+    """Write the zarr3 chunks of chunk-row ``row`` (src spans exactly that row of chunks along axis 0).
+
+    Each chunk: the single fused copy (cast) from the mmap into a chunk-shaped buffer, then its raw
+    little-endian bytes followed by the crc32c of those bytes (the array's codecs), to
+    ``c/<row>/<j>/...`` (zarr3 default chunk-key encoding), fsync'd."""
+    grid = [range(-(-n // c)) for n, c in zip(src.shape[1:], chunks[1:])]
+    written = 0
+    for idx in itertools.product(*grid):
+        region = (slice(None),) + tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, chunks[1:]))
+        part = src[region]
+        buf = buffers.get(chunks, dtype)
+        if part.shape != tuple(chunks):  # edge chunk: zarr stores the full chunk, padded with the fill value
+            buf[...] = 0
+            buf[tuple(slice(0, n) for n in part.shape)] = part
+        else:
+            np.copyto(buf, part, casting="unsafe")
+        key = array_dir / fmt.chunk_key((row, *idx))
+        key.parent.mkdir(parents=True, exist_ok=True)
+        data = memoryview(buf.reshape(-1).view(np.uint8))
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data) if data.nbytes < (1 << 30) else _write_all(fd, data)
+            os.write(fd, struct.pack("<I", _crc32c(data)))
+        finally:
+            os.close(fd)
+        written += buf.nbytes
+    return written
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data.nbytes:
+        n = os.write(fd, data[: 1 << 30])
+        data = data[n:]
 
 
 def _open_outputs(folder: pathlib.Path, targets: list[Target], mesh_shape, ctx):
@@ -202,6 +257,14 @@ def _commit(tmp: pathlib.Path, output: pathlib.Path) -> None:
     _fsync_dir(output.parent)
 
 
+def _fsync_file(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: pathlib.Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -225,11 +288,14 @@ def _copy_side_files(repo: Repo, tmp: pathlib.Path, components: list[str]) -> No
 
 def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfloat16", mesh: str | None = None,
             force: bool = False, threads: int | None = None, progress: bool = False, revision: str | None = None,
-            hash_source: bool = True, only: list[str] | None = None) -> Summary:
+            hash_source: bool = True, only: list[str] | None = None, fsync: bool = False) -> Summary:
     """Convert SOURCE (local diffusers repo or hub id) into a checkpoint at OUTPUT. Returns a summary.
 
     ``only`` restricts the conversion to some components (e.g. a fine-tuned transformer); the result is
-    then a partial checkpoint, marked as such in the manifest."""
+    then a partial checkpoint, marked as such in the manifest. The checkpoint appears at OUTPUT by an
+    atomic rename, so a crash or kill never leaves a partial one there; ``fsync`` also makes it durable
+    against power loss before the rename (slower: the disk's write speed). Chunk checksums catch
+    anything torn at restore either way."""
     t0 = time.perf_counter()
     if weights_dtype not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"--dtype: unsupported weights dtype {weights_dtype!r} (bfloat16, float16, float32)")
@@ -274,7 +340,7 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
             folder = tmp / c
             folder.mkdir()
             for t, chunks, arr in _open_outputs(folder, targets, mesh_shape, ctx):
-                units.extend((u, opened[c]) for u in _units(t, arr, chunks))
+                units.extend((u, opened[c]) for u in _units(t, arr, folder, chunks))
         # largest first keeps both threads busy to the end
         units.sort(key=lambda x: -x[0].nbytes_in)
         buffers = _Buffers()
@@ -284,11 +350,13 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
                 if len(pending) >= 2 * threads:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     written += sum(f.result() for f in done)
-                fut = ex.submit(_run_unit, u, comp, buffers)
+                fut = ex.submit(_run_unit, u, comp, buffers, u.folder, u.chunks)
                 fut.add_done_callback(lambda f, n=u.nbytes_in: bar.update(n) if not f.exception() else None)
                 pending.add(fut)
             done, _ = wait(pending)
             written += sum(f.result() for f in done)
+            if fsync:  # durable against power loss, at the disk's write speed (crash-safety needs no fsync)
+                list(ex.map(_fsync_file, (p for p in tmp.rglob("*") if p.is_file())))
         for c, targets in plans.items():
             (tmp / c / fmt.ORBAX_METADATA).write_text(json.dumps(fmt.orbax_metadata([t.path for t in targets])))
             (tmp / c / fmt.ORBAX_CHECKPOINT_METADATA).write_text(json.dumps(

@@ -432,6 +432,11 @@ def zarr_spec(component_dir: str | pathlib.Path, path: str, leaf: Leaf | None = 
     return spec
 
 
+def chunk_key(index: tuple[int, ...]) -> str:
+    """Relative path of a chunk file under an array's folder (zarr3 "default" chunk-key encoding)."""
+    return "/".join(("c", *(str(i) for i in index)))
+
+
 def orbax_metadata(paths: list[str]) -> dict:
     """The ``_METADATA`` document Orbax's PyTreeCheckpointHandler writes for a tree of numpy arrays."""
     tree = {}
