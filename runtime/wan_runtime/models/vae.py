@@ -235,8 +235,8 @@ def _upsample(x, p, mode, cache, first, dt):
             x = _causal_conv(x, p["time_conv"], cache, dt)  # (B, T, H, W, 2C)
             B, T, H, W, C2 = x.shape
             x = x.reshape(B, T, H, W, 2, C2 // 2).transpose(0, 1, 4, 2, 3, 5).reshape(B, 2 * T, H, W, C2 // 2)
-    up = lambda f: jnp.repeat(jnp.repeat(f, 2, axis=1), 2, axis=2)  # noqa: E731
-    return _per_frame(lambda f: _conv(up(f), p["resample"]["1"], dt, pad=(1, 1)), x)
+    x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+    return _per_frame(lambda f: _conv(f, p["resample"]["1"], dt, pad=(1, 1)), x)
 
 
 def _avg_down(x, cout, ft, fs):
