@@ -56,27 +56,51 @@ class Dtypes:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    """Hashable static configuration of the jitted denoise loop."""
+    """Hashable static configuration of the jitted denoise loop.
+
+    mode: how image conditioning enters the transformer input (the only per-family hook in the loop):
+      "t2v"    latents alone;
+      "concat" Wan 2.1/2.2 I2V: latents ++ [4 mask channels, VAE latents of image + zero frames];
+      "expand" Wan 2.2 TI2V with an image: latent frame 0 is replaced by the image latents, and its
+               tokens get timestep 0 (per-token timesteps).
+    """
 
     tcfg: tr.WanTransformerConfig
     n_experts: int
     cfg: bool
     dtype: Any
     sched_dtype: Any
+    mode: str = "t2v"
 
 
-def _model_eval(params, kv, x, t, rope, grid, st: _Static):
+def _model_input(x, cond, mask, st: _Static):
+    if st.mode == "concat":
+        return jnp.concatenate([x, cond.astype(x.dtype)], axis=1)
+    if st.mode == "expand":
+        return (1 - mask) * cond + mask * x
+    return x
+
+
+def _model_eval(params, kv, x, t, cond, mask, rope, grid, st: _Static):
     """Flow prediction for latents x (1, C, F, H, W): cond and uncond as one batch of two."""
-    xin = jnp.concatenate([x, x]) if st.cfg else x
+    xin = _model_input(x, cond, mask, st)
+    xin = jnp.concatenate([xin, xin]) if st.cfg else xin
     b = xin.shape[0]
     tokens = tr.patchify(params, st.tcfg, xin.astype(st.dtype), st.dtype)
-    temb, temb_proj = tr.embed_time(params, st.tcfg, jnp.full((b,), t, jnp.float32), st.dtype)
+    if st.mode == "expand":  # diffusers: (mask[0][0][:, ::2, ::2] * t).flatten(), per token
+        pt, ph, pw = st.tcfg.patch_size
+        tt = (mask[0, 0, ::pt, ::ph, ::pw] * t).reshape(-1)
+        timestep = jnp.broadcast_to(tt, (b, tt.shape[0]))
+    else:
+        timestep = jnp.full((b,), t, jnp.float32)
+    temb, temb_proj = tr.embed_time(params, st.tcfg, timestep, st.dtype)
     h = tr.run_blocks(params, tokens, temb_proj, rope, kv, st.tcfg, st.dtype)
     return tr.unpatchify_head(params, st.tcfg, h, temb, grid)  # (b, C, F, H, W) float32
 
 
-def _denoise(experts, kvs, latents, arrays, timesteps, guidance, boundary, rope, *, st: _Static, grid, progress):
-    """The whole sampling loop as one lax.scan over steps."""
+def _denoise(experts, kvs, latents, cond, mask, arrays, timesteps, guidance, boundary, rope, *, st: _Static, grid,
+             progress):
+    """The whole sampling loop as one lax.scan over steps (lax.cond picks the Wan 2.2 expert)."""
     state = schedulers.init_state(arrays, latents, st.sched_dtype)
 
     def body(carry, i):
@@ -85,10 +109,9 @@ def _denoise(experts, kvs, latents, arrays, timesteps, guidance, boundary, rope,
 
         def run(k):
             def f(_):
-                v = _model_eval(experts[k], kvs[k], x, t, rope, grid, st)
+                v = _model_eval(experts[k], kvs[k], x, t, cond, mask, rope, grid, st)
                 if st.cfg:
-                    g = guidance[k]
-                    v = v[1:] + g * (v[:1] - v[1:])
+                    v = v[1:] + guidance[k] * (v[:1] - v[1:])
                 return v
             return f
 
@@ -102,12 +125,28 @@ def _denoise(experts, kvs, latents, arrays, timesteps, guidance, boundary, rope,
         return (x, sstate), None
 
     (x, _), _ = jax.lax.scan(body, (latents, state), jnp.arange(timesteps.shape[0]))
+    if st.mode == "expand":
+        x = (1 - mask) * cond + mask * x
     return x
 
 
-def _conditions(experts, text_emb, tcfgs, dtype):
-    """Per expert: the embedded text context and every block's cross-attention K/V (computed once)."""
-    return tuple(tr.cross_kv(p, c, tr.embed_text(p, c, text_emb, dtype), dtype) for p, c in zip(experts, tcfgs))
+def _conditions(experts, text_emb, image_emb, tcfgs, dtype):
+    """Per expert: text (and CLIP image) context, then every block's cross-attention K/V (computed once)."""
+    out = []
+    for p, c in zip(experts, tcfgs):
+        ctx, n_image = tr.embed_text(p, c, text_emb, dtype), 0
+        if image_emb is not None and c.image_dim:
+            img = tr.embed_image(p, c, image_emb, dtype)
+            img = jnp.broadcast_to(img, (ctx.shape[0],) + img.shape[1:])
+            ctx, n_image = jnp.concatenate([img.astype(ctx.dtype), ctx], axis=1), img.shape[1]
+        out.append(tr.cross_kv(p, c, ctx, dtype, n_image))
+    return tuple(out)
+
+
+def _encode_condition(vae_params, video, mean, inv_std, *, vcfg, dtype):
+    """VAE-encode the conditioning video and normalise it as diffusers does ("argmax": the mean)."""
+    z, _ = vae_lib.encode(vae_params, vcfg, video, dtype=dtype)
+    return (z - mean) * inv_std
 
 
 def _decode(vae_params, latents, mean, inv_std, *, vcfg, dtype, as_uint8: bool):
@@ -135,6 +174,13 @@ def validate_request(ckpt: ckpt_lib.Checkpoint, height: int, width: int, num_fra
         raise InputError(f"--steps: must be >= 1, got {num_inference_steps}")
     if not guidance_scale >= 0:
         raise InputError(f"--guidance: must be >= 0, got {guidance_scale}")
+
+
+def check_image_input(image_input: str, family: str, has_image: bool) -> None:
+    if image_input == "required" and not has_image:
+        raise InputError(f"--image: {family} is an image-to-video model; pass --image")
+    if image_input == "none" and has_image:
+        raise InputError(f"--image: {family} is a text-to-video model and takes no image")
 
 
 @dataclasses.dataclass
@@ -177,6 +223,11 @@ class WanPipeline:
         sched_path = ckpt.root / "scheduler" / "scheduler_config.json"
         self.scheduler_config = json.loads(sched_path.read_text()) if sched_path.exists() else {}
         self.boundary_ratio = ckpt.model_index.get("boundary_ratio")
+        self.expand_timesteps = bool(ckpt.model_index.get("expand_timesteps"))
+        z = self.vcfg.z_dim
+        #: "required" (I2V: mask + image latents concatenated), "optional" (TI2V) or "none" (T2V)
+        self.image_input = ("required" if self.tcfgs[0].in_channels == 2 * z + 4
+                            else "optional" if self.expand_timesteps else "none")
         self._compiled: dict = {}
 
     # ------------------------------------------------------------------ construction
@@ -187,8 +238,7 @@ class WanPipeline:
         ck = ckpt_lib.open_checkpoint(path)
         mesh_shape = shd.parse_mesh(mesh)
         jmesh = shd.make_mesh(mesh_shape, jax.devices()[: shd.mesh_size(mesh_shape)])
-        wanted = [c for c in ck.components if c != "image_encoder"]
-        params, _ = ckpt_lib.restore(ck, wanted, jmesh, parallel=parallel_restore)
+        params, _ = ckpt_lib.restore(ck, ck.components, jmesh, parallel=parallel_restore)
         jax.block_until_ready(params)
         dtypes = dtype if isinstance(dtype, Dtypes) else Dtypes.all(dtype) if dtype == "float32" else Dtypes()
         return cls(ck, params, jmesh, dtypes, time.perf_counter() - t0)
@@ -210,6 +260,36 @@ class WanPipeline:
     def validate(self, height: int, width: int, num_frames: int, num_inference_steps: int, guidance_scale: float):
         validate_request(self.ckpt, height, width, num_frames, num_inference_steps, guidance_scale)
 
+    def _image_conditions(self, image, height, width, num_frames, shape, mean, inv_std):
+        """Image -> (mode, condition latents, mask, CLIP tokens), as diffusers' WanImageToVideoPipeline."""
+        from . import image as image_lib
+
+        img = image_lib.load_image(image) if not hasattr(image, "convert") else image.convert("RGB")
+        first = jnp.asarray(image_lib.video_preprocess(img, height, width))  # (1, 3, 1, H, W) in [-1, 1]
+        _, _, f_lat, h_lat, w_lat = shape
+        enc = functools.partial(_encode_condition, vcfg=self.vcfg, dtype=jnp.dtype(self.dtypes.vae))
+        if self.image_input == "required":  # I2V: image then zero frames, plus 4 mask channels (frame 0 known)
+            video = jnp.concatenate([first, jnp.zeros(first.shape[:2] + (num_frames - 1, height, width), first.dtype)], 2)
+            z = self._compile(("encode", video.shape), enc, self.params["vae"], video, mean, inv_std)(
+                self.params["vae"], video, mean, inv_std)
+            known = jnp.zeros((1, self.vae_scale_temporal, f_lat, h_lat, w_lat), jnp.float32).at[:, :, 0].set(1.0)
+            mode, cond, mask = "concat", jnp.concatenate([known, z], axis=1), None
+        else:  # TI2V: latent frame 0 is the image's
+            z = self._compile(("encode", first.shape), enc, self.params["vae"], first, mean, inv_std)(
+                self.params["vae"], first, mean, inv_std)
+            mask = jnp.ones((1, 1, f_lat, h_lat, w_lat), jnp.float32).at[:, :, 0].set(0.0)
+            mode, cond = "expand", z
+        image_emb = None
+        if self.tcfgs[0].image_dim:  # Wan 2.1 I2V: CLIP ViT-H penultimate tokens
+            from .models import clip
+
+            ccfg = clip.CLIPVisionConfig.from_config(self.ckpt.config("image_encoder"))
+            proc = json.loads((self.ckpt.root / "image_processor" / "preprocessor_config.json").read_text())
+            pixels = jnp.asarray(image_lib.clip_preprocess(img, proc))
+            image_emb = jax.jit(clip.encode_image, static_argnames=("cfg", "dtype"))(
+                self.params["image_encoder"], ccfg, pixels, dtype=jnp.dtype(self.dtypes.transformer))
+        return mode, cond, mask, image_emb
+
     def _compile(self, key, fn, *args):
         """AOT-compile once per key; the compile time is booked separately from run time."""
         if key not in self._compiled:
@@ -223,9 +303,12 @@ class WanPipeline:
                  num_frames: int = 81, num_inference_steps: int = 50, guidance_scale: float = 5.0,
                  guidance_scale_2: float | None = None, seed: int = 0, latents=None, flow_shift: float | None = None,
                  scheduler: str = "unipc", max_sequence_length: int = 512, output_type: str = "np",
-                 progress: Callable[[int], None] | None = None):
-        """Returns frames (F, H, W, 3): float32 in [0, 1] for output_type="np", uint8 for "uint8"."""
+                 image=None, progress: Callable[[int], None] | None = None):
+        """Returns frames (F, H, W, 3): float32 in [0, 1] for output_type="np", uint8 for "uint8".
+
+        ``image`` (a path or PIL image) conditions image-to-video models (Wan 2.1/2.2 I2V, TI2V-5B)."""
         self.validate(height, width, num_frames, num_inference_steps, guidance_scale)
+        check_image_input(self.image_input, self.ckpt.family, image is not None)
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("--prompt: empty prompt")
         negative_prompt = "" if negative_prompt is None else negative_prompt
@@ -249,8 +332,13 @@ class WanPipeline:
         text_emb, self.last_token_counts, self.last_truncated = encode_prompts(
             self.params["text_encoder"], self.ucfg, self.tokenizer, prompts, max_sequence_length, jnp.dtype(dt.text_encoder))
         experts = tuple(self.params[c] for c in self.experts)
+        mean = jnp.asarray(self.vae_config.get("latents_mean", [0.0] * self.vcfg.z_dim), jnp.float32).reshape(1, -1, 1, 1, 1)
+        inv_std = 1.0 / jnp.asarray(self.vae_config.get("latents_std", [1.0] * self.vcfg.z_dim), jnp.float32).reshape(1, -1, 1, 1, 1)
+        mode, cond, mask, image_emb = "t2v", None, None, None
+        if image is not None:
+            mode, cond, mask, image_emb = self._image_conditions(image, height, width, num_frames, shape, mean, inv_std)
         cond_fn = jax.jit(_conditions, static_argnames=("tcfgs", "dtype"))
-        kvs = cond_fn(experts, text_emb, tcfgs=self.tcfgs, dtype=jnp.dtype(dt.transformer))
+        kvs = cond_fn(experts, text_emb, image_emb, tcfgs=self.tcfgs, dtype=jnp.dtype(dt.transformer))
         jax.block_until_ready(kvs)
         self.timings.conditioning = time.perf_counter() - t0
         # ---- schedule (host) and the scanned denoise loop
@@ -262,9 +350,9 @@ class WanPipeline:
         grid = (shape[2] // self.tcfgs[0].patch_size[0], shape[3] // self.tcfgs[0].patch_size[1],
                 shape[4] // self.tcfgs[0].patch_size[2])
         rope = tr.rope_tables(self.tcfgs[0], grid)
-        st = _Static(self.tcfgs[0], len(self.experts), do_cfg, jnp.dtype(dt.transformer), jnp.dtype(dt.scheduler))
+        st = _Static(self.tcfgs[0], len(self.experts), do_cfg, jnp.dtype(dt.transformer), jnp.dtype(dt.scheduler), mode)
         guidance = jnp.asarray([guidance_scale, guidance_scale_2], jnp.float32)
-        args = (experts, kvs, latents, sched.arrays, timesteps, guidance, jnp.int32(boundary), rope)
+        args = (experts, kvs, latents, cond, mask, sched.arrays, timesteps, guidance, jnp.int32(boundary), rope)
         fn = functools.partial(_denoise, st=st, grid=grid, progress=progress)
         denoise = self._compile(("denoise", st, grid, shape, scheduler, num_inference_steps, progress is not None),
                                 fn, *args)
@@ -274,8 +362,6 @@ class WanPipeline:
         self.timings.denoise = time.perf_counter() - t0
         self.last_latents = out
         # ---- VAE decode, frames on device
-        mean = jnp.asarray(self.vae_config.get("latents_mean", [0.0] * self.vcfg.z_dim), jnp.float32).reshape(1, -1, 1, 1, 1)
-        inv_std = 1.0 / jnp.asarray(self.vae_config.get("latents_std", [1.0] * self.vcfg.z_dim), jnp.float32).reshape(1, -1, 1, 1, 1)
         as_uint8 = output_type == "uint8"
         dec = functools.partial(_decode, vcfg=self.vcfg, dtype=jnp.dtype(dt.vae), as_uint8=as_uint8)
         decode = self._compile(("decode", shape, dt.vae, as_uint8), dec, self.params["vae"], out, mean, inv_std)
