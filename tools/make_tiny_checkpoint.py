@@ -119,7 +119,7 @@ def build_pipeline(family: str, seed: int = 0):
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     torch.manual_seed(seed)
-    i2v = "i2v" in family
+    i2v = family in ("wan2.1-i2v", "wan2.2-i2v-a14b")  # (TI2V is not one: it conditions by first-frame latents)
     ti2v = family == "wan2.2-ti2v-5b"
     two_experts = family.endswith("a14b")
     in_ch, out_ch = (36, 16) if i2v else ((48, 48) if ti2v else (16, 16))

@@ -40,13 +40,14 @@ def _fail(debug: bool, e: BaseException):
               help="every compute dtype at once (the scheduler stays float32)")
 @click.option("--mesh", default=None, help="e.g. data=1,fsdp=2,context=4 (default: one device)")
 @click.option("--fps", type=int, default=None)
+@click.option("--image", type=click.Path(), default=None, help="first frame for image-to-video (I2V, TI2V)")
 @click.option("--latents", type=click.Path(), default=None, help="initial latents .npy, (C, F', H', W') or (1, C, F', H', W')")
 @click.option("--output", "-o", default="out.mp4", show_default=True, help="out.mp4, or out.npy for float32 frames in [0, 1]")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @click.version_option(__version__, prog_name="wan-run")
 def main(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
-         scheduler, seed, dtype, mesh, fps, latents, output, quiet, debug):
+         scheduler, seed, dtype, mesh, fps, image, latents, output, quiet, debug):
     """Generate a video from a converted Wan checkpoint."""
     try:
         run(**locals())
@@ -70,12 +71,12 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
-        scheduler, seed, dtype, mesh, fps, latents, output, quiet, debug):
+        scheduler, seed, dtype, mesh, fps, image, latents, output, quiet, debug):
     import numpy as np
 
     from . import presets as presets_lib
     from .checkpoint import open_checkpoint
-    from .pipeline import DEFAULT_NEGATIVE, validate_request
+    from .pipeline import DEFAULT_NEGATIVE, check_image_input, image_input_kind, validate_request
 
     # ---- everything that can be checked before loading weights
     out = pathlib.Path(output)
@@ -98,6 +99,15 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
     if negative_prompt is None:
         negative_prompt = s.get("negative_prompt", DEFAULT_NEGATIVE)
     validate_request(ckpt, s["height"], s["width"], s["frames"], s["steps"], s["guidance"])
+    check_image_input(image_input_kind(ckpt), ckpt.family, image is not None)
+    img = None
+    if image is not None:
+        from .image import load_image
+
+        try:
+            img = load_image(image)
+        except ValueError as e:
+            raise UsageError(f"--image: {e}") from None
     init = None
     if latents is not None:
         try:
@@ -122,7 +132,7 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
                       num_inference_steps=s["steps"], guidance_scale=s["guidance"], guidance_scale_2=s.get("guidance_2"),
                       seed=seed, latents=init, flow_shift=s.get("flow_shift"), scheduler=s["scheduler"],
                       max_sequence_length=s["max_sequence_length"],
-                      output_type="np" if out.suffix == ".npy" else "uint8", progress=progress)
+                      output_type="np" if out.suffix == ".npy" else "uint8", image=img, progress=progress)
     if bar is not None:
         bar.close()
     if pipe.last_truncated.any():
@@ -140,7 +150,7 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
         "preset": p["name"],
         "settings": {k: s[k] for k in ("height", "width", "frames", "steps", "guidance", "guidance_2", "flow_shift",
                                        "scheduler", "fps", "max_sequence_length", "boundary", "mesh") if k in s}
-        | {"dtype": dtype, "latents": latents},
+        | {"dtype": dtype, "latents": latents, "image": image},
         "timings": pipe.timings.as_dict() | {"write": round(write_seconds, 4)},
         "wan_run": __version__,
     }

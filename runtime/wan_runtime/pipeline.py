@@ -176,6 +176,15 @@ def validate_request(ckpt: ckpt_lib.Checkpoint, height: int, width: int, num_fra
         raise InputError(f"--guidance: must be >= 0, got {guidance_scale}")
 
 
+def image_input_kind(ckpt: ckpt_lib.Checkpoint) -> str:
+    """"required" (I2V: mask + image latents concatenated to the input), "optional" (TI2V: first-frame
+    latents) or "none" (T2V), from the checkpoint's configs."""
+    z = int(ckpt.config("vae").get("z_dim", 16))
+    if int(ckpt.config("transformer")["in_channels"]) == 2 * z + 4:
+        return "required"
+    return "optional" if ckpt.model_index.get("expand_timesteps") else "none"
+
+
 def check_image_input(image_input: str, family: str, has_image: bool) -> None:
     if image_input == "required" and not has_image:
         raise InputError(f"--image: {family} is an image-to-video model; pass --image")
@@ -223,11 +232,7 @@ class WanPipeline:
         sched_path = ckpt.root / "scheduler" / "scheduler_config.json"
         self.scheduler_config = json.loads(sched_path.read_text()) if sched_path.exists() else {}
         self.boundary_ratio = ckpt.model_index.get("boundary_ratio")
-        self.expand_timesteps = bool(ckpt.model_index.get("expand_timesteps"))
-        z = self.vcfg.z_dim
-        #: "required" (I2V: mask + image latents concatenated), "optional" (TI2V) or "none" (T2V)
-        self.image_input = ("required" if self.tcfgs[0].in_channels == 2 * z + 4
-                            else "optional" if self.expand_timesteps else "none")
+        self.image_input = image_input_kind(ckpt)
         self._compiled: dict = {}
 
     # ------------------------------------------------------------------ construction

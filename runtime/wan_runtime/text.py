@@ -23,12 +23,17 @@ from .models import umt5
 _WHITESPACE = re.compile("[\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
 
 
-def prompt_clean(text: str) -> str:
-    """diffusers' ``prompt_clean`` without ftfy: html-unescape twice, strip, collapse whitespace, strip.
+try:  # optional, as in diffusers: mojibake repair before tokenizing when ftfy is installed
+    import ftfy as _ftfy
+except ImportError:
+    _ftfy = None
 
-    With ftfy installed, diffusers first applies ``ftfy.fix_text`` (mojibake repair, straight quotes,
-    NFC, ...); this runtime does not, so such prompts may tokenize differently in that setup.
-    """
+
+def prompt_clean(text: str) -> str:
+    """diffusers' ``prompt_clean``: ``ftfy.fix_text`` when ftfy is installed (diffusers does the same),
+    html-unescape twice, strip, collapse whitespace, strip."""
+    if _ftfy is not None:
+        text = _ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return _WHITESPACE.sub(" ", text).strip()
 
