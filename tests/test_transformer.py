@@ -137,6 +137,9 @@ PUBLISHED = {  # name: (config overrides, latent (C, F, H, W) of the default res
     "Wan2.1-T2V-14B": (dict(num_attention_heads=40, num_layers=40, ffn_dim=13824), (16, 21, 60, 104)),
     "Wan2.1-I2V-14B-480P": (dict(num_attention_heads=40, num_layers=40, ffn_dim=13824, in_channels=36,
                                  image_dim=1280, added_kv_proj_dim=5120), (36, 21, 60, 104)),
+    # Wan2.2-T2V-A14B: both experts have exactly the Wan2.1-T2V-14B config
+    "Wan2.2-I2V-A14B": (dict(num_attention_heads=40, num_layers=40, ffn_dim=13824, in_channels=36, out_channels=16),
+                        (36, 21, 90, 160)),  # 720x1280, no CLIP tokens
     "Wan2.2-TI2V-5B": (dict(num_attention_heads=24, num_layers=30, ffn_dim=14336, in_channels=48,
                             out_channels=48), (48, 31, 44, 80)),  # 704x1280, 121 frames
 }
