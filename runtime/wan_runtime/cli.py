@@ -11,6 +11,9 @@ import click
 from . import __version__
 
 
+DTYPES = ["bfloat16", "float32", "float16"]
+
+
 class UsageError(ValueError):
     pass
 
@@ -36,8 +39,19 @@ def _fail(debug: bool, e: BaseException):
 @click.option("--flow-shift", type=float, default=None)
 @click.option("--scheduler", type=click.Choice(["unipc", "euler"]), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
-              help="every compute dtype at once (the scheduler stays float32)")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="every dtype at once, weights included (the scheduler stays float32); default: bfloat16 "
+                   "transformer and text encoder, float32 VAE, weights as converted")
+@click.option("--transformer-dtype", type=click.Choice(DTYPES), default=None, help="transformer compute dtype")
+@click.option("--text-encoder-dtype", type=click.Choice(DTYPES), default=None)
+@click.option("--vae-dtype", type=click.Choice(DTYPES), default=None, help="VAE compute dtype")
+@click.option("--weights-dtype", type=click.Choice(DTYPES), default=None, help="recast transformer/encoder weights")
+@click.option("--vae-weights-dtype", type=click.Choice(DTYPES), default=None)
+@click.option("--scheduler-dtype", type=click.Choice(DTYPES), default=None)
+@click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
+              help="compute every block's cross-attention K/V once per generation")
+@click.option("--compile-cache", default=None, help="persistent compilation cache folder, or 'off' "
+              "(default ~/.cache/wan-jax/xla or $WAN_JAX_COMPILATION_CACHE)")
 @click.option("--mesh", default=None, help="e.g. data=1,fsdp=2,context=4 (default: one device)")
 @click.option("--fps", type=int, default=None)
 @click.option("--image", type=click.Path(), default=None, help="first frame for image-to-video (I2V, TI2V)")
@@ -47,7 +61,8 @@ def _fail(debug: bool, e: BaseException):
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @click.version_option(__version__, prog_name="wan-run")
 def main(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
-         scheduler, seed, dtype, mesh, fps, image, latents, output, quiet, debug):
+         scheduler, seed, dtype, transformer_dtype, text_encoder_dtype, vae_dtype, weights_dtype,
+         vae_weights_dtype, scheduler_dtype, kv_cache, compile_cache, mesh, fps, image, latents, output, quiet, debug):
     """Generate a video from a converted Wan checkpoint."""
     try:
         run(**locals())
@@ -71,7 +86,8 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
-        scheduler, seed, dtype, mesh, fps, image, latents, output, quiet, debug):
+        scheduler, seed, dtype, transformer_dtype, text_encoder_dtype, vae_dtype, weights_dtype, vae_weights_dtype,
+        scheduler_dtype, kv_cache, compile_cache, mesh, fps, image, latents, output, quiet, debug):
     import numpy as np
 
     from . import presets as presets_lib
@@ -116,10 +132,17 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
             raise UsageError(f"--latents: cannot read {latents} ({e})") from None
 
     # ---- load, generate
-    from .pipeline import WanPipeline
+    import dataclasses
+
+    from .pipeline import Dtypes, WanPipeline
     from .video import write_mp4, write_npy, write_sidecar
 
-    pipe = WanPipeline.from_converted(checkpoint, mesh=s.get("mesh"), dtype=dtype)
+    dtypes = Dtypes.all(dtype) if dtype else Dtypes()
+    per = dict(transformer=transformer_dtype, text_encoder=text_encoder_dtype, vae=vae_dtype, weights=weights_dtype,
+               vae_weights=vae_weights_dtype, scheduler=scheduler_dtype)
+    dtypes = dataclasses.replace(dtypes, **{k: v for k, v in per.items() if v})
+    pipe = WanPipeline.from_converted(checkpoint, mesh=s.get("mesh"), dtype=dtypes, compilation_cache=compile_cache)
+    pipe.kv_cache = kv_cache
     if "boundary" in s:
         pipe.boundary_ratio = s["boundary"]
     bar = None
@@ -150,7 +173,7 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
         "preset": p["name"],
         "settings": {k: s[k] for k in ("height", "width", "frames", "steps", "guidance", "guidance_2", "flow_shift",
                                        "scheduler", "fps", "max_sequence_length", "boundary", "mesh") if k in s}
-        | {"dtype": dtype, "latents": latents, "image": image},
+        | {"dtypes": dataclasses.asdict(dtypes), "kv_cache": kv_cache, "latents": latents, "image": image},
         "timings": pipe.timings.as_dict() | {"write": round(write_seconds, 4)},
         "wan_run": __version__,
     }

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import pathlib
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -26,7 +28,7 @@ from . import sharding as shd
 from .models import transformer as tr
 from .models import umt5
 from .models import vae as vae_lib
-from .text import Tokenizer, encode_prompts
+from .text import Tokenizer, embed_tokens, tokenize_prompts
 
 DEFAULT_NEGATIVE = (
     "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
@@ -42,16 +44,29 @@ class InputError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Dtypes:
-    """Compute dtypes. Weights keep the dtype they were converted to; norms etc. stay float32."""
+    """Compute dtypes per component, and optional weight dtypes: by default weights keep the dtype they
+    were converted to; ``weights`` / ``vae_weights`` recast them once after restore (norms and the
+    other float32 modules stay float32: the converter's rule, format.stored_dtype)."""
 
     transformer: str = "bfloat16"
     text_encoder: str = "bfloat16"
     vae: str = "float32"
     scheduler: str = "float32"
+    weights: str | None = None  # transformer(s), text and image encoders
+    vae_weights: str | None = None
 
     @classmethod
     def all(cls, name: str) -> "Dtypes":
-        return cls(name, name, name, "float32")
+        return cls(name, name, name, "float32", name, name)
+
+
+def cast_weights(tree, dtype: str):
+    """Recast a restored param tree by the converter's dtype rule (on device)."""
+    from .format import flatten, stored_dtype, unflatten
+
+    flat = flatten(tree)
+    return unflatten({p: a.astype(stored_dtype(p, dtype)) if a.dtype != jnp.dtype(stored_dtype(p, dtype)) else a
+                      for p, a in flat.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +86,8 @@ class _Static:
     dtype: Any
     sched_dtype: Any
     mode: str = "t2v"
+    kv_cache: bool = True
+    n_image: int = 0  # CLIP tokens at the front of the context (Wan 2.1 I2V)
 
 
 def _model_input(x, cond, mask, st: _Static):
@@ -81,8 +98,13 @@ def _model_input(x, cond, mask, st: _Static):
     return x
 
 
-def _model_eval(params, kv, x, t, cond, mask, rope, grid, st: _Static):
-    """Flow prediction for latents x (1, C, F, H, W): cond and uncond as one batch of two."""
+def _model_eval(params, tcfg, kv, x, t, cond, mask, rope, grid, st: _Static):
+    """Flow prediction for latents x (1, C, F, H, W): cond and uncond as one batch of two.
+
+    ``kv`` is every block's precomputed cross-attention K/V, or (kv_cache off) the context it is made
+    from, in which case the projections are recomputed here, every step (the reference behaviour)."""
+    if not st.kv_cache:
+        kv = tr.cross_kv(params, tcfg, kv, st.dtype, st.n_image)
     xin = _model_input(x, cond, mask, st)
     xin = jnp.concatenate([xin, xin]) if st.cfg else xin
     b = xin.shape[0]
@@ -98,40 +120,50 @@ def _model_eval(params, kv, x, t, cond, mask, rope, grid, st: _Static):
     return tr.unpatchify_head(params, st.tcfg, h, temb, grid)  # (b, C, F, H, W) float32
 
 
-def _denoise(experts, kvs, latents, cond, mask, arrays, timesteps, guidance, boundary, rope, *, st: _Static, grid,
-             progress):
-    """The whole sampling loop as one lax.scan over steps (lax.cond picks the Wan 2.2 expert)."""
-    state = schedulers.init_state(arrays, latents, st.sched_dtype)
+def _denoise(experts, kvs, x, sstate, cond, mask, arrays, timesteps, guidance, boundary, rope, start, count, *,
+             st: _Static, tcfgs, grid):
+    """Steps [start, start + count) of the sampling loop, as one loop inside one executable.
 
-    def body(carry, i):
+    The step count is a traced value and the schedule tables are padded to MAX_STEPS, so the same
+    executable serves every number of steps, every guidance and every boundary: a generation is one
+    call (count = all steps), or one call per step when a progress bar wants per-step updates, and a
+    2-step warmup compiles what a 50-step run needs. Wan 2.2's two experts: ``lax.cond`` per step.
+    """
+    def body(j, carry):
         x, sstate = carry
+        i = start + j
         t = timesteps[i]
 
         def run(k):
             def f(_):
-                v = _model_eval(experts[k], kvs[k], x, t, cond, mask, rope, grid, st)
+                v = _model_eval(experts[k], tcfgs[k], kvs[k], x, t, cond, mask, rope, grid, st)
                 if st.cfg:
                     v = v[1:] + guidance[k] * (v[:1] - v[1:])
                 return v
             return f
 
-        if st.n_experts == 1:
-            v = run(0)(None)
-        else:
-            v = jax.lax.cond(i < boundary, run(0), run(1), None)
-        x, sstate = schedulers.step(arrays, sstate, i, v, x, dtype=st.sched_dtype)
-        if progress is not None:
-            jax.debug.callback(progress, i)
-        return (x, sstate), None
+        v = run(0)(None) if st.n_experts == 1 else jax.lax.cond(i < boundary, run(0), run(1), None)
+        return schedulers.step(arrays, sstate, i, v, x, dtype=st.sched_dtype)
 
-    (x, _), _ = jax.lax.scan(body, (latents, state), jnp.arange(timesteps.shape[0]))
-    if st.mode == "expand":
-        x = (1 - mask) * cond + mask * x
-    return x
+    return jax.lax.fori_loop(0, count, body, (x, sstate))
 
 
-def _conditions(experts, text_emb, image_emb, tcfgs, dtype):
-    """Per expert: text (and CLIP image) context, then every block's cross-attention K/V (computed once)."""
+def _finish(x, cond, mask, *, st: _Static):
+    """After the loop: TI2V re-pastes the image latents into frame 0, as diffusers does."""
+    return (1 - mask) * cond + mask * x if st.mode == "expand" else x
+
+
+MAX_STEPS = 1000  # schedule tables are padded to this length (a few KB)
+
+
+def _pad_schedule(arrays, timesteps):
+    pad = lambda a: np.pad(np.asarray(a), [(0, MAX_STEPS - np.shape(a)[0])] + [(0, 0)] * (np.ndim(a) - 1))  # noqa: E731
+    return jax.tree.map(pad, arrays), pad(np.asarray(timesteps, np.float32))
+
+
+def _conditions(experts, text_emb, image_emb, tcfgs, dtype, kv_cache=True):
+    """Per expert: text (and CLIP image) context, then every block's cross-attention K/V (computed once);
+    with kv_cache off, the context the loop recomputes them from."""
     out = []
     for p, c in zip(experts, tcfgs):
         ctx, n_image = tr.embed_text(p, c, text_emb, dtype), 0
@@ -139,7 +171,7 @@ def _conditions(experts, text_emb, image_emb, tcfgs, dtype):
             img = tr.embed_image(p, c, image_emb, dtype)
             img = jnp.broadcast_to(img, (ctx.shape[0],) + img.shape[1:])
             ctx, n_image = jnp.concatenate([img.astype(ctx.dtype), ctx], axis=1), img.shape[1]
-        out.append(tr.cross_kv(p, c, ctx, dtype, n_image))
+        out.append(tr.cross_kv(p, c, ctx, dtype, n_image) if kv_cache else ctx)
     return tuple(out)
 
 
@@ -192,6 +224,23 @@ def check_image_input(image_input: str, family: str, has_image: bool) -> None:
         raise InputError(f"--image: {family} is a text-to-video model and takes no image")
 
 
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> pathlib.Path | None:
+    """JAX's persistent compilation cache, on by default: a second run of the same shapes compiles
+    nothing. ``path`` (or $WAN_JAX_COMPILATION_CACHE) picks the folder; "off" disables it."""
+    path = path or os.environ.get("WAN_JAX_COMPILATION_CACHE") or pathlib.Path.home() / ".cache" / "wan-jax" / "xla"
+    if str(path) == "off":
+        return None
+    path = pathlib.Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: run without the cache rather than fail
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
 @dataclasses.dataclass
 class Timings:
     load: float = 0.0
@@ -233,19 +282,29 @@ class WanPipeline:
         self.scheduler_config = json.loads(sched_path.read_text()) if sched_path.exists() else {}
         self.boundary_ratio = ckpt.model_index.get("boundary_ratio")
         self.image_input = image_input_kind(ckpt)
+        #: cross-attention K/V of every block computed once per generation (off: every step)
+        self.kv_cache = True
+        #: steps per executable call: None = the whole loop in one call; 1 = a call per step
+        self.steps_per_call: int | None = None
         self._compiled: dict = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_converted(cls, path, *, mesh: str | Mapping[str, int] | None = None, dtype: str | Dtypes = "bfloat16",
-                       parallel_restore: bool = True) -> "WanPipeline":
+                       parallel_restore: bool = True, compilation_cache: str | None = None) -> "WanPipeline":
+        """Restore a converted checkpoint (components in parallel threads) onto ``mesh``."""
         t0 = time.perf_counter()
+        enable_compilation_cache(compilation_cache)
         ck = ckpt_lib.open_checkpoint(path)
         mesh_shape = shd.parse_mesh(mesh)
         jmesh = shd.make_mesh(mesh_shape, jax.devices()[: shd.mesh_size(mesh_shape)])
         params, _ = ckpt_lib.restore(ck, ck.components, jmesh, parallel=parallel_restore)
-        jax.block_until_ready(params)
         dtypes = dtype if isinstance(dtype, Dtypes) else Dtypes.all(dtype) if dtype == "float32" else Dtypes()
+        for c in params:
+            want = dtypes.vae_weights if c == "vae" else dtypes.weights
+            if want:
+                params[c] = cast_weights(params[c], want)
+        jax.block_until_ready(params)
         return cls(ck, params, jmesh, dtypes, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ helpers
@@ -332,37 +391,58 @@ class WanPipeline:
                                  f"(or {list(shape)})")
             latents = jnp.asarray(latents)
         # ---- conditioning: text encoder (pos + neg in one batch), text embedder + cross K/V per expert
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self.timings.compile
         prompts = [prompt, negative_prompt] if do_cfg else [prompt]
-        text_emb, self.last_token_counts, self.last_truncated = encode_prompts(
-            self.params["text_encoder"], self.ucfg, self.tokenizer, prompts, max_sequence_length, jnp.dtype(dt.text_encoder))
+        ids, tmask, self.last_truncated = tokenize_prompts(self.tokenizer, prompts, max_sequence_length)
+        self.last_token_counts = tmask.sum(axis=1)
+        ids, tmask = jnp.asarray(ids), jnp.asarray(tmask)
+        ucfg, tdt = self.ucfg, jnp.dtype(dt.text_encoder)
+        text_fn = self._compile(("text", ids.shape, dt.text_encoder), lambda p, i, m: embed_tokens(p, ucfg, i, m, tdt),
+                                self.params["text_encoder"], ids, tmask)
+        text_emb = text_fn(self.params["text_encoder"], ids, tmask)
         experts = tuple(self.params[c] for c in self.experts)
         mean = jnp.asarray(self.vae_config.get("latents_mean", [0.0] * self.vcfg.z_dim), jnp.float32).reshape(1, -1, 1, 1, 1)
         inv_std = 1.0 / jnp.asarray(self.vae_config.get("latents_std", [1.0] * self.vcfg.z_dim), jnp.float32).reshape(1, -1, 1, 1, 1)
         mode, cond, mask, image_emb = "t2v", None, None, None
         if image is not None:
             mode, cond, mask, image_emb = self._image_conditions(image, height, width, num_frames, shape, mean, inv_std)
-        cond_fn = jax.jit(_conditions, static_argnames=("tcfgs", "dtype"))
-        kvs = cond_fn(experts, text_emb, image_emb, tcfgs=self.tcfgs, dtype=jnp.dtype(dt.transformer))
+        cond_fn = self._compile(("conditions", text_emb.shape, None if image_emb is None else image_emb.shape,
+                                 self.kv_cache, dt.transformer),
+                                functools.partial(_conditions, tcfgs=self.tcfgs, dtype=jnp.dtype(dt.transformer),
+                                                  kv_cache=self.kv_cache), experts, text_emb, image_emb)
+        kvs = cond_fn(experts, text_emb, image_emb)
         jax.block_until_ready(kvs)
-        self.timings.conditioning = time.perf_counter() - t0
-        # ---- schedule (host) and the scanned denoise loop
+        self.timings.conditioning = time.perf_counter() - t0 - (self.timings.compile - c0)
+        # ---- schedule (host, padded to MAX_STEPS) and the denoise loop
         shift = float(flow_shift if flow_shift is not None else self.scheduler_config.get("flow_shift", 3.0))
         sched = schedulers.make_schedule(scheduler, num_inference_steps, shift)
-        timesteps = jnp.asarray(np.asarray(sched.timesteps, np.float32))
+        arrays, timesteps = _pad_schedule(sched.arrays, sched.timesteps)
         boundary = (schedulers.expert_boundary_index(sched.timesteps, self.boundary_ratio)
                     if len(self.experts) > 1 and self.boundary_ratio is not None else num_inference_steps)
         grid = (shape[2] // self.tcfgs[0].patch_size[0], shape[3] // self.tcfgs[0].patch_size[1],
                 shape[4] // self.tcfgs[0].patch_size[2])
         rope = tr.rope_tables(self.tcfgs[0], grid)
-        st = _Static(self.tcfgs[0], len(self.experts), do_cfg, jnp.dtype(dt.transformer), jnp.dtype(dt.scheduler), mode)
+        n_image = int(image_emb.shape[1]) if image_emb is not None and self.tcfgs[0].image_dim else 0
+        st = _Static(self.tcfgs[0], len(self.experts), do_cfg, jnp.dtype(dt.transformer), jnp.dtype(dt.scheduler), mode,
+                     self.kv_cache, n_image)
         guidance = jnp.asarray([guidance_scale, guidance_scale_2], jnp.float32)
-        args = (experts, kvs, latents, cond, mask, sched.arrays, timesteps, guidance, jnp.int32(boundary), rope)
-        fn = functools.partial(_denoise, st=st, grid=grid, progress=progress)
-        denoise = self._compile(("denoise", st, grid, shape, scheduler, num_inference_steps, progress is not None),
-                                fn, *args)
+        sstate = schedulers.init_state(sched.arrays, latents, st.sched_dtype)
+        consts = (experts, kvs)
+        carry = (latents, sstate)
+        rest = (cond, mask, arrays, jnp.asarray(timesteps), guidance, jnp.int32(boundary), rope)
+        fn = functools.partial(_denoise, st=st, tcfgs=self.tcfgs, grid=grid)
+        denoise = self._compile(("denoise", st, grid, shape, scheduler), fn, *consts, *carry, *rest,
+                                jnp.int32(0), jnp.int32(1))
         t0 = time.perf_counter()
-        out = denoise(*args)
+        per_call = 1 if (progress is not None or self.steps_per_call == 1) else (self.steps_per_call or num_inference_steps)
+        for start in range(0, num_inference_steps, per_call):
+            count = min(per_call, num_inference_steps - start)
+            carry = denoise(*consts, *carry, *rest, jnp.int32(start), jnp.int32(count))
+            if progress is not None:
+                jax.block_until_ready(carry)
+                progress(start + count - 1)
+        fin = self._compile(("finish", st, shape), functools.partial(_finish, st=st), carry[0], cond, mask)
+        out = fin(carry[0], cond, mask)
         jax.block_until_ready(out)
         self.timings.denoise = time.perf_counter() - t0
         self.last_latents = out

@@ -89,6 +89,16 @@ def encode_prompts(params: Mapping[str, Any], cfg: umt5.UMT5Config, tokenizer: T
     Each prompt is cleaned, tokenized to ``max_length`` and encoded with its padding mask; positions
     at and after its token count are zero, as in diffusers.
     """
-    ids, mask, truncated = tokenizer.tokenize([prompt_clean(p) for p in prompts], max_length, return_truncated=True)
+    ids, mask, truncated = tokenize_prompts(tokenizer, prompts, max_length)
     emb = _embed(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jnp.dtype(dtype))
     return emb, mask.sum(axis=1), truncated
+
+
+def tokenize_prompts(tokenizer: Tokenizer, prompts: Sequence[str], max_length: int = 512):
+    """The host half of :func:`encode_prompts`: (ids, mask, truncated) of the cleaned prompts."""
+    return tokenizer.tokenize([prompt_clean(p) for p in prompts], max_length, return_truncated=True)
+
+
+def embed_tokens(params, cfg: umt5.UMT5Config, ids, mask, dtype):
+    """The device half of :func:`encode_prompts` (jittable; zero past each prompt's token count)."""
+    return _embed.__wrapped__(params, cfg, ids, mask, dtype)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import attention
+from .attention import attention, preferred_multiple
 
 F32 = jnp.float32
 
@@ -234,9 +234,10 @@ def unpatchify_head(params, cfg: WanTransformerConfig, x, temb, grid):
 # ------------------------------------------------------------------------------------------
 # blocks
 # ------------------------------------------------------------------------------------------
-def block(p, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype):
+def block(p, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype, *, key_mask=None):
     """One WanTransformerBlock. p: one layer of params['blocks']; x (B, S, D) in dtype;
-    temb_proj (B, 6, D) or (B, S, 6, D); rope (cos, sin); kv: one layer of ``cross_kv``."""
+    temb_proj (B, 6, D) or (B, S, 6, D); rope (cos, sin); kv: one layer of ``cross_kv``;
+    key_mask: optional (B, S) bool, False = padding token, kept out of the self-attention keys."""
     H = cfg.num_heads
     tp = temb_proj[:, None] if temb_proj.ndim == 3 else temb_proj             # (B, S|1, 6, D)
     mod = p["scale_shift_table"].astype(F32) + tp.astype(F32)
@@ -251,7 +252,7 @@ def block(p, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype):
     q = apply_rope(split_heads(qnorm(linear(h, a["to_q"], dtype), a, "norm_q"), H), rope)
     k = apply_rope(split_heads(qnorm(linear(h, a["to_k"], dtype), a, "norm_k"), H), rope)
     v = split_heads(linear(h, a["to_v"], dtype), H)
-    o = attention(q, k, v).reshape(x.shape)
+    o = attention(q, k, v, key_mask=key_mask).reshape(x.shape)
     x = (x.astype(F32) + linear(o, a["to_out"], dtype) * gate).astype(dtype)
 
     # 2. cross-attention on the precomputed K/V (image branch added before to_out); no gate
@@ -269,19 +270,41 @@ def block(p, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype):
     return (x.astype(F32) + f.astype(F32) * c_gate).astype(dtype)
 
 
-def run_blocks(params, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype):
-    """All blocks: ``lax.scan`` over the stacked layer axis of params['blocks'] and of kv."""
+def _pad_axis(a, n, axis):
+    return jnp.pad(a, [(0, n if i == axis else 0) for i in range(a.ndim)])
+
+
+def run_blocks(params, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype, *, pad_to: int | None = None):
+    """All blocks: ``lax.scan`` over the stacked layer axis of params['blocks'] and of kv.
+
+    pad_to: the S tokens (x, rope, per-token temb_proj) are zero-padded to a multiple of it for the
+    attention kernel (None: ``preferred_multiple()`` of the backend, 1: no padding) and cut back
+    after. Only self-attention mixes tokens and it masks the padded keys out, so the result does
+    not depend on pad_to (up to float reassociation).
+    """
+    S = x.shape[1]
+    pad = -S % (pad_to or preferred_multiple())
+    key_mask = None
+    if pad:
+        x = _pad_axis(x, pad, 1)                                               # (B, S + pad, D)
+        rope = tuple(_pad_axis(jnp.asarray(t), pad, 0) for t in rope)          # (S + pad, Dh/2)
+        if temb_proj.ndim == 4:
+            temb_proj = _pad_axis(temb_proj, pad, 1)                           # (B, S + pad, 6, D)
+        key_mask = jnp.broadcast_to(jnp.arange(S + pad) < S, x.shape[:2])      # (B, S + pad)
+
     def step(x, layer):
         p, kv_l = layer
-        return block(p, x, temb_proj, rope, kv_l, cfg, dtype), None
+        return block(p, x, temb_proj, rope, kv_l, cfg, dtype, key_mask=key_mask), None
 
     x, _ = jax.lax.scan(step, x, (params["blocks"], kv))
-    return x
+    return x[:, :S] if pad else x
 
 
-def forward(params, cfg: WanTransformerConfig, latents, timestep, text_emb, image_emb=None, *, dtype=F32):
+def forward(params, cfg: WanTransformerConfig, latents, timestep, text_emb, image_emb=None, *, dtype=F32,
+            pad_to: int | None = None):
     """Predicted flow (B, Cout, F, H, W) float32 for latents (B, Cin, F, H, W), timestep (B,) or (B, S),
-    text_emb (B, St, text_dim) and, for Wan 2.1 I2V, CLIP image tokens image_emb (B, Si, image_dim)."""
+    text_emb (B, St, text_dim) and, for Wan 2.1 I2V, CLIP image tokens image_emb (B, Si, image_dim).
+    pad_to: token padding multiple, see :func:`run_blocks`."""
     _, _, F, H, W = latents.shape
     pt, ph, pw = cfg.patch_size
     grid = (F // pt, H // ph, W // pw)
@@ -293,5 +316,5 @@ def forward(params, cfg: WanTransformerConfig, latents, timestep, text_emb, imag
         img = embed_image(params, cfg, image_emb, dtype)
         context, n_image = jnp.concatenate([img, context], axis=1), img.shape[1]
     kv = cross_kv(params, cfg, context, dtype, n_image)
-    x = run_blocks(params, x, temb_proj, rope, kv, cfg, dtype)
+    x = run_blocks(params, x, temb_proj, rope, kv, cfg, dtype, pad_to=pad_to)
     return unpatchify_head(params, cfg, x, temb, grid)

@@ -1,0 +1,145 @@
+"""Attention kernels, key-padding masks, and token padding of the transformer (results must not change)."""
+import functools
+import importlib.util
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from wan_convert.mapping import tree_from_state_dict
+from wan_runtime.models import attention as A
+from wan_runtime.models import transformer as T
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+forward = jax.jit(T.forward, static_argnames=("cfg", "dtype", "pad_to"))
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def padded_qkv(lengths, sq, sk, heads, dh, seed=0):
+    """q (B, sq, H, Dh), k/v (B, sk, H, Dh) with huge garbage past each row's real length, key_mask (B, sk)."""
+    r = np.random.default_rng(seed)
+    q, k, v = (r.standard_normal((len(lengths), s, heads, dh), dtype=np.float32) for s in (sq, sk, sk))
+    key_mask = np.arange(sk)[None] < np.array(lengths)[:, None]
+    k[~key_mask] *= 1e3
+    v[~key_mask] *= 1e3
+    return q, k, v, key_mask
+
+
+def per_row_reference(q, k, v, lengths):
+    """Attention of each batch row on its unpadded keys only."""
+    return np.concatenate([A.attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n]) for b, n in enumerate(lengths)])
+
+
+def test_key_mask_equals_unpadded():
+    lengths = [13, 6]
+    q, k, v, km = padded_qkv(lengths, 9, 16, 3, 8)
+    out = jax.jit(A.attention)(q, k, v, key_mask=km)
+    assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
+    assert rel(out, per_row_reference(q, k, v, lengths)) <= 1e-6
+    # self-attention with padded queries: the real rows are unchanged, padded rows finite
+    x, _, _, km = padded_qkv([11], 16, 16, 2, 8, seed=1)
+    out = np.asarray(A.attention(x, x, x, key_mask=km))
+    assert np.isfinite(out).all() and rel(out[:, :11], A.attention(x[:, :11], x[:, :11], x[:, :11])) <= 1e-6
+
+
+def test_splash_kernel_interpret_mode():
+    """The TPU splash path, run by the Pallas interpreter on CPU (kernel logic only, not hardware)."""
+    pytest.importorskip(A._SPLASH)
+    lengths = [200, 131]
+    q, k, v, km = padded_qkv(lengths, 256, 256, 2, 128, seed=2)
+    out = A.splash_attention(q, k, v, km, interpret=True)
+    assert out.shape == q.shape and rel(out, per_row_reference(q, k, v, lengths)) <= 1e-6
+    q, k, v, _ = padded_qkv([256, 256], 256, 256, 2, 128, seed=3)  # no key_mask (and no garbage keys)
+    assert rel(A.splash_attention(q, k, v, interpret=True), A.attention(q, k, v)) <= 1e-6
+    qb, kb, vb = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+    out = A.splash_attention(qb, kb, vb, interpret=True)
+    assert out.dtype == jnp.bfloat16 and rel(out.astype(jnp.float32), A.attention(q, k, v)) <= 1e-2  # measured 3.7e-3
+
+
+def test_backend_selection_cpu():
+    if jax.default_backend() == "cpu":
+        assert A.preferred_multiple() == 1
+    assert A.preferred_multiple("cpu") == 1 and A.preferred_multiple("tpu") == 128 and A.preferred_multiple("gpu") == 128
+    q = jnp.zeros((1, 128, 2, 128), jnp.bfloat16)
+    assert A.select_implementation(q, q, backend="cpu") == "xla"
+    assert A.select_implementation(q.astype(jnp.float32), q, backend="cpu") == "xla"
+    assert A.select_implementation(q, q, backend="gpu") == "cudnn"
+    assert A.select_implementation(q, q, jnp.ones((1, 1, 128, 128), bool), backend="gpu") == "xla"
+    assert A.select_implementation(q[:, :100], q, backend="tpu") == "xla"  # not a multiple of 128
+    if jax.default_backend() == "cpu":
+        assert A.select_implementation(q, q) == "xla"
+
+
+def test_tpu_selection_falls_back_without_splash(monkeypatch):
+    q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+    if A._splash_module() is not None:
+        assert A.select_implementation(q, q, backend="tpu") == "splash"
+    monkeypatch.setitem(sys.modules, A._SPLASH, None)  # makes the import raise ImportError
+    assert A._splash_module() is None
+    assert A.select_implementation(q, q, backend="tpu") == "xla"
+
+
+# ------------------------------------------------------------------------------------------
+# transformer token padding
+# ------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def model(cin, cout):
+    """(torch model, runtime params, runtime config), 1-D params and scale_shift_tables perturbed."""
+    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "tools" / "make_tiny_checkpoint.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    torch.manual_seed(cin)
+    m = tiny.build_transformer(cin, cout)
+    gen = torch.Generator().manual_seed(cin + 1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.ndim <= 1 or "scale_shift_table" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    cfg = dict(m.config)
+    sd = {k: v.detach().numpy() for k, v in m.state_dict().items()}
+    params = jax.tree.map(jnp.asarray, tree_from_state_dict("transformer", sd, cfg, "float32"))
+    return m, params, T.WanTransformerConfig.from_config(cfg)
+
+
+def oracle(m, latents, t, text):
+    with torch.no_grad():
+        return m(torch.from_numpy(latents), torch.from_numpy(t), torch.from_numpy(text), return_dict=False)[0].numpy()
+
+
+def test_padding_does_not_change_forward():
+    m, params, cfg = model(16, 16)
+    r = np.random.default_rng(4)
+    x = r.standard_normal((2, 16, 3, 6, 10), dtype=np.float32)  # S = 3 * 3 * 5 = 45 tokens
+    txt = r.standard_normal((2, 8, 32), dtype=np.float32)
+    t = np.array([999, 250], np.int64)
+    ref = forward(params, cfg, x, t, txt, pad_to=1)
+    assert rel(ref, oracle(m, x, t, txt)) <= 1e-5
+    for pad_to in (7, 64):
+        out = forward(params, cfg, x, t, txt, pad_to=pad_to)
+        assert np.isfinite(np.asarray(out)).all() and rel(out, ref) <= 1e-6, pad_to
+    # pad_to=1 adds no ops; 64 pads
+    args = (params, T.rope_tables(cfg, (3, 3, 5)), jnp.zeros((2, 45, cfg.dim)), jnp.zeros((2, 6, cfg.dim)))
+    kv = T.cross_kv(params, cfg, jnp.zeros((2, 8, cfg.dim)))
+    jaxpr = {p: str(jax.make_jaxpr(lambda pr, rope, h, tp: T.run_blocks(pr, h, tp, rope, kv, cfg, jnp.float32,
+                                                                        pad_to=p))(*args)) for p in (1, 64)}
+    assert " pad[" not in jaxpr[1] and " pad[" in jaxpr[64]
+
+
+def test_padding_per_token_timesteps():
+    m, params, cfg = model(48, 48)
+    r = np.random.default_rng(5)
+    x = r.standard_normal((1, 48, 3, 4, 6), dtype=np.float32)  # S = 3 * 2 * 3 = 18 tokens
+    txt = r.standard_normal((1, 8, 32), dtype=np.float32)
+    t = r.integers(0, 1000, (1, 18)).astype(np.int64)
+    t[:, :6] = 0  # clean first latent frame (TI2V)
+    ref = forward(params, cfg, x, t, txt, pad_to=1)
+    assert rel(ref, oracle(m, x, t, txt)) <= 1e-5
+    assert rel(forward(params, cfg, x, t, txt, pad_to=64), ref) <= 1e-6
