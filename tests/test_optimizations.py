@@ -84,3 +84,11 @@ def test_dtype_settings(converted):
     assert pipe.params["vae"]["decoder"]["norm_out"]["gamma"].dtype == jax.numpy.float32  # norms stay float32
     frames = _run(pipe, steps=2)
     assert np.isfinite(frames).all() and frames.shape == (9, 32, 48, 3)
+
+
+def test_warmup_compiles_everything(converted, tmp_path):
+    pipe = WanPipeline.from_converted(converted["wan2.2-t2v-a14b"], compilation_cache=str(tmp_path / "cache"))
+    pipe.warmup(32, 48, 9, output_type="np")
+    assert pipe.timings.compile > 0
+    _run(pipe, steps=5, guidance_scale=6.0, guidance_scale_2=2.5)  # crosses the expert boundary
+    assert pipe.timings.compile == 0.0

@@ -20,8 +20,17 @@ import sys
 FAMILIES = ("wan2.1-t2v", "wan2.1-i2v", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b")
 
 # Text encoder width == transformer text_dim.
-TEXT_DIM = 32
 VOCAB_SIZE = 384
+
+#: model sizes: "tiny" (tests, the bundled demo) and "small" (benchmarks: big enough that compute,
+#: not dispatch, dominates; ~50M transformer params)
+SIZES = {
+    "tiny": dict(heads=2, head_dim=12, layers=2, ffn=32, text_dim=32, t5_layers=2, t5_ff=48, t5_heads=4, t5_kv=8,
+                 vae_base=3),
+    "small": dict(heads=8, head_dim=64, layers=8, ffn=2048, text_dim=256, t5_layers=4, t5_ff=512, t5_heads=4,
+                  t5_kv=64, vae_base=16),
+}
+_SIZE = dict(SIZES["tiny"])
 
 _CORPUS = """
 A cat and a dog baking a cake together in a kitchen. The cat is carefully measuring flour, while the
@@ -66,8 +75,10 @@ def build_tokenizer():
 def build_text_encoder():
     from transformers import UMT5Config, UMT5EncoderModel
 
+    z = _SIZE
     cfg = UMT5Config(
-        vocab_size=VOCAB_SIZE, d_model=TEXT_DIM, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+        vocab_size=VOCAB_SIZE, d_model=z["text_dim"], d_kv=z["t5_kv"], d_ff=z["t5_ff"], num_layers=z["t5_layers"],
+        num_heads=z["t5_heads"],
         relative_attention_num_buckets=32, relative_attention_max_distance=128,
         feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
@@ -78,11 +89,12 @@ def build_text_encoder():
 def build_transformer(in_channels: int, out_channels: int, image_dim: int | None = None):
     from diffusers import WanTransformer3DModel
 
-    heads, head_dim = 2, 12
+    z = _SIZE
+    heads, head_dim = z["heads"], z["head_dim"]
     return WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
-        in_channels=in_channels, out_channels=out_channels, text_dim=TEXT_DIM, freq_dim=256,
-        ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        in_channels=in_channels, out_channels=out_channels, text_dim=z["text_dim"], freq_dim=256,
+        ffn_dim=z["ffn"], num_layers=z["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         image_dim=image_dim, added_kv_proj_dim=heads * head_dim if image_dim else None,
         rope_max_seq_len=32,
     ).eval()
@@ -93,12 +105,12 @@ def build_vae(wan22: bool):
 
     if wan22:
         return AutoencoderKLWan(
-            base_dim=3, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+            base_dim=_SIZE["vae_base"], z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
             in_channels=12, out_channels=12, is_residual=True, patch_size=2,
             latents_mean=[0.0] * 48, latents_std=[1.0] * 48, scale_factor_spatial=16, scale_factor_temporal=4,
         ).eval()
     return AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        base_dim=_SIZE["vae_base"], z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     ).eval()
 
 
@@ -155,8 +167,14 @@ def build_pipeline(family: str, seed: int = 0):
     return cls(**kwargs)
 
 
-def write(family: str, out: pathlib.Path, seed: int = 0) -> pathlib.Path:
-    pipe = build_pipeline(family, seed)
+def write(family: str, out: pathlib.Path, seed: int = 0, size: str = "tiny") -> pathlib.Path:
+    _SIZE.clear()
+    _SIZE.update(SIZES[size])
+    try:
+        pipe = build_pipeline(family, seed)
+    finally:
+        _SIZE.clear()
+        _SIZE.update(SIZES["tiny"])
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     # Re-save the transformers as two shards with an index, as the published repos are.
@@ -171,7 +189,7 @@ def write(family: str, out: pathlib.Path, seed: int = 0) -> pathlib.Path:
         module.save_pretrained(folder, safe_serialization=True, max_shard_size=max(total // 2 + 1, 1))
         if not (folder / "diffusion_pytorch_model.safetensors.index.json").exists():
             raise RuntimeError(f"{folder}: expected a sharded save")
-    (out / "wan_jax_tiny.json").write_text(json.dumps({"family": family, "seed": seed}, indent=1) + "\n")
+    (out / "wan_jax_tiny.json").write_text(json.dumps({"family": family, "seed": seed, "size": size}, indent=1) + "\n")
     return out
 
 
@@ -181,13 +199,14 @@ def main(argv=None) -> int:
     ap.add_argument("--family", action="append", choices=FAMILIES, help="repeatable; default: all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--flat", action="store_true", help="write a single family directly into OUTDIR")
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     args = ap.parse_args(argv)
     families = args.family or list(FAMILIES)
     if args.flat and len(families) != 1:
         ap.error("--flat needs exactly one --family")
     for fam in families:
         path = args.outdir if args.flat else args.outdir / fam
-        write(fam, path, args.seed)
+        write(fam, path, args.seed, args.size)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         print(f"{fam}: {path} ({size / 1024:.0f} KiB)")
     return 0

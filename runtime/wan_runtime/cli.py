@@ -50,6 +50,8 @@ def _fail(debug: bool, e: BaseException):
 @click.option("--scheduler-dtype", type=click.Choice(DTYPES), default=None)
 @click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
               help="compute every block's cross-attention K/V once per generation")
+@click.option("--executable-cache", is_flag=True, help="also keep serialized executables (skips tracing; "
+              "experimental, see compile_cache.py)")
 @click.option("--compile-cache", default=None, help="persistent compilation cache folder, or 'off' "
               "(default ~/.cache/wan-jax/xla or $WAN_JAX_COMPILATION_CACHE)")
 @click.option("--mesh", default=None, help="e.g. data=1,fsdp=2,context=4 (default: one device)")
@@ -62,7 +64,7 @@ def _fail(debug: bool, e: BaseException):
 @click.version_option(__version__, prog_name="wan-run")
 def main(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
          scheduler, seed, dtype, transformer_dtype, text_encoder_dtype, vae_dtype, weights_dtype,
-         vae_weights_dtype, scheduler_dtype, kv_cache, compile_cache, mesh, fps, image, latents, output, quiet, debug):
+         vae_weights_dtype, scheduler_dtype, kv_cache, executable_cache, compile_cache, mesh, fps, image, latents, output, quiet, debug):
     """Generate a video from a converted Wan checkpoint."""
     try:
         run(**locals())
@@ -87,7 +89,7 @@ def _is_user_error(e: BaseException) -> bool:
 
 def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
         scheduler, seed, dtype, transformer_dtype, text_encoder_dtype, vae_dtype, weights_dtype, vae_weights_dtype,
-        scheduler_dtype, kv_cache, compile_cache, mesh, fps, image, latents, output, quiet, debug):
+        scheduler_dtype, kv_cache, executable_cache, compile_cache, mesh, fps, image, latents, output, quiet, debug):
     import numpy as np
 
     from . import presets as presets_lib
@@ -141,7 +143,8 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
     per = dict(transformer=transformer_dtype, text_encoder=text_encoder_dtype, vae=vae_dtype, weights=weights_dtype,
                vae_weights=vae_weights_dtype, scheduler=scheduler_dtype)
     dtypes = dataclasses.replace(dtypes, **{k: v for k, v in per.items() if v})
-    pipe = WanPipeline.from_converted(checkpoint, mesh=s.get("mesh"), dtype=dtypes, compilation_cache=compile_cache)
+    pipe = WanPipeline.from_converted(checkpoint, mesh=s.get("mesh"), dtype=dtypes, compilation_cache=compile_cache,
+                                      executable_cache=executable_cache or None)
     pipe.kv_cache = kv_cache
     if "boundary" in s:
         pipe.boundary_ratio = s["boundary"]
