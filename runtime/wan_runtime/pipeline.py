@@ -89,6 +89,7 @@ class _Static:
     mode: str = "t2v"
     kv_cache: bool = True
     n_image: int = 0  # CLIP tokens at the front of the context (Wan 2.1 I2V)
+    caching: bool = False  # step caching (MagCache, CFG cache): per-step plan + cached block residuals
 
 
 def _model_input(x, cond, mask, st: _Static):
@@ -99,11 +100,14 @@ def _model_input(x, cond, mask, st: _Static):
     return x
 
 
-def _model_eval(params, tcfg, kv, x, t, cond, mask, rope, grid, st: _Static):
+def _model_eval(params, tcfg, kv, x, t, cond, mask, rope, grid, st: _Static, plan=None, cache=None):
     """Flow prediction for latents x (1, C, F, H, W): cond and uncond as one batch of two.
 
     ``kv`` is every block's precomputed cross-attention K/V, or (kv_cache off) the context it is made
-    from, in which case the projections are recomputed here, every step (the reference behaviour)."""
+    from, in which case the projections are recomputed here, every step (the reference behaviour).
+    With step caching, ``plan`` = (compute cond, compute uncond, uncond from the CFG cache) for this step
+    and ``cache`` holds each branch's last block residual, the last cond - uncond difference and block-run
+    counters; a branch that is not computed reuses its residual (embeddings and head still run)."""
     if not st.kv_cache:
         kv = tr.cross_kv(params, tcfg, kv, st.dtype, st.n_image)
     xin = _model_input(x, cond, mask, st)
@@ -117,36 +121,78 @@ def _model_eval(params, tcfg, kv, x, t, cond, mask, rope, grid, st: _Static):
     else:
         timestep = jnp.full((b,), t, jnp.float32)
     temb, temb_proj = tr.embed_time(params, st.tcfg, timestep, st.dtype)
-    h = tr.run_blocks(params, tokens, temb_proj, rope, kv, st.tcfg, st.dtype)
-    return tr.unpatchify_head(params, st.tcfg, h, temb, grid)  # (b, C, F, H, W) float32
+    if not st.caching:
+        h = tr.run_blocks(params, tokens, temb_proj, rope, kv, st.tcfg, st.dtype)
+        return tr.unpatchify_head(params, st.tcfg, h, temb, grid), cache  # (b, C, F, H, W) float32
+    h, cache = _blocks_with_cache(params, tokens, temb_proj, rope, kv, st, plan, cache)
+    v = tr.unpatchify_head(params, st.tcfg, h, temb, grid)
+    if st.cfg:  # CFG cache: rebuild the unconditional prediction from the last full step's difference
+        v_u = jnp.where(plan[2], v[:1] - cache["diff"], v[1:])
+        diff = jnp.where(plan[0] & plan[1], v[:1] - v[1:], cache["diff"])
+        v, cache = jnp.concatenate([v[:1], v_u]), {**cache, "diff": diff}
+    return v, cache
 
 
-def _denoise(experts, kvs, x, sstate, cond, mask, arrays, timesteps, guidance, boundary, rope, start, count, *,
-             st: _Static, tcfgs, grid):
+def _blocks_with_cache(params, tokens, temb_proj, rope, kv, st: _Static, plan, cache):
+    """Run the blocks only for the batch rows (cond, uncond) the plan computes; the others reuse their
+    cached residual. A lax.switch over the (at most) four cases, so a skipped row costs no block."""
+    rows = tokens.shape[0]
+
+    def case(computed):
+        def f(_):
+            out = None
+            if computed:  # contiguous rows: [0], [1] or [0, 1]
+                lo, hi = computed[0], computed[-1] + 1
+                kv_s = jax.tree.map(lambda a: a[:, lo:hi], kv)
+                out = tr.run_blocks(params, tokens[lo:hi], temb_proj[lo:hi], rope, kv_s, st.tcfg, st.dtype)
+            parts = [out[computed.index(r):computed.index(r) + 1] if r in computed
+                     else tokens[r:r + 1] + cache["r"][r:r + 1].astype(tokens.dtype) for r in range(rows)]
+            return jnp.concatenate(parts), jnp.array([r in computed for r in range(rows)], jnp.int32)
+        return f
+
+    if rows == 1:
+        index, branches = plan[0].astype(jnp.int32), [case([]), case([0])]
+    else:
+        index = plan[0].astype(jnp.int32) * 2 + plan[1].astype(jnp.int32)
+        branches = [case([]), case([1]), case([0]), case([0, 1])]
+    h, ran = jax.lax.switch(index, branches, None)
+    residual = jnp.where(ran[:, None, None] > 0, (h - tokens).astype(cache["r"].dtype), cache["r"])
+    return h, {**cache, "r": residual, "ran": cache["ran"] + ran}
+
+
+def _denoise(experts, kvs, x, sstate, cache, cond, mask, arrays, timesteps, guidance, boundary, rope, plan, start,
+             count, *, st: _Static, tcfgs, grid):
     """Steps [start, start + count) of the sampling loop, as one loop inside one executable.
 
     The step count is a traced value and the schedule tables are padded to MAX_STEPS, so the same
     executable serves every number of steps, every guidance and every boundary: a generation is one
     call (count = all steps), or one call per step when a progress bar wants per-step updates, and a
     2-step warmup compiles what a 50-step run needs. Wan 2.2's two experts: ``lax.cond`` per step.
+    With step caching, ``plan`` (bool [MAX_STEPS, 3], made on the host by wan_runtime.caching) says per
+    step which branches run their blocks, and ``cache`` is carried (see _model_eval).
     """
     def body(j, carry):
-        x, sstate = carry
+        x, sstate, cache = carry
         i = start + j
         t = timesteps[i]
 
         def run(k):
-            def f(_):
-                v = _model_eval(experts[k], tcfgs[k], kvs[k], x, t, cond, mask, rope, grid, st)
+            def f(cache):
+                v, cache = _model_eval(experts[k], tcfgs[k], kvs[k], x, t, cond, mask, rope, grid, st,
+                                       None if plan is None else plan[i], cache)
                 if st.cfg:
                     v = v[1:] + guidance[k] * (v[:1] - v[1:])
-                return v
+                return v, cache
             return f
 
-        v = run(0)(None) if st.n_experts == 1 else jax.lax.cond(i < boundary, run(0), run(1), None)
-        return schedulers.step(arrays, sstate, i, v, x, dtype=st.sched_dtype)
+        if st.n_experts == 1:
+            v, cache = run(0)(cache)
+        else:
+            v, cache = jax.lax.cond(i < boundary, run(0), run(1), cache)
+        x, sstate = schedulers.step(arrays, sstate, i, v, x, dtype=st.sched_dtype)
+        return x, sstate, cache
 
-    return jax.lax.fori_loop(0, count, body, (x, sstate))
+    return jax.lax.fori_loop(0, count, body, (x, sstate, cache))
 
 
 def _finish(x, cond, mask, *, st: _Static):
@@ -387,10 +433,12 @@ class WanPipeline:
                  num_frames: int = 81, num_inference_steps: int = 50, guidance_scale: float = 5.0,
                  guidance_scale_2: float | None = None, seed: int = 0, latents=None, flow_shift: float | None = None,
                  scheduler: str = "unipc", max_sequence_length: int = 512, output_type: str = "np",
-                 image=None, progress: Callable[[int], None] | None = None):
+                 image=None, step_plan=None, progress: Callable[[int], None] | None = None):
         """Returns frames (F, H, W, 3): float32 in [0, 1] for output_type="np", uint8 for "uint8".
 
-        ``image`` (a path or PIL image) conditions image-to-video models (Wan 2.1/2.2 I2V, TI2V-5B)."""
+        ``image`` (a path or PIL image) conditions image-to-video models (Wan 2.1/2.2 I2V, TI2V-5B).
+        ``step_plan`` (bool (steps, 3): compute cond blocks, compute uncond blocks, uncond from the CFG
+        cache) turns on step caching; wan_runtime.caching makes plans for each policy. None: dense."""
         self.validate(height, width, num_frames, num_inference_steps, guidance_scale)
         check_image_input(self.image_input, self.ckpt.family, image is not None)
         self.timings.compile = 0.0  # per generation (load is the pipeline's)
@@ -444,13 +492,24 @@ class WanPipeline:
                 shape[4] // self.tcfgs[0].patch_size[2])
         rope = tr.rope_tables(self.tcfgs[0], grid)
         n_image = int(image_emb.shape[1]) if image_emb is not None and self.tcfgs[0].image_dim else 0
+        caching = step_plan is not None
         st = _Static(self.tcfgs[0], len(self.experts), do_cfg, jnp.dtype(dt.transformer), jnp.dtype(dt.scheduler), mode,
-                     self.kv_cache, n_image)
+                     self.kv_cache, n_image, caching)
+        plan, cache = None, None
+        if caching:
+            plan = np.zeros((MAX_STEPS, 3), bool)
+            plan[:num_inference_steps] = np.asarray(step_plan, bool).reshape(num_inference_steps, 3)
+            plan = jnp.asarray(plan)
+            rows = 2 if do_cfg else 1
+            s_tok = grid[0] * grid[1] * grid[2]
+            cache = {"r": jnp.zeros((rows, s_tok, self.tcfgs[0].dim), st.dtype),
+                     "diff": jnp.zeros((1, self.tcfgs[0].out_channels) + shape[2:], jnp.float32),
+                     "ran": jnp.zeros((rows,), jnp.int32)}
         guidance = jnp.asarray([guidance_scale, guidance_scale_2], jnp.float32)
         sstate = schedulers.init_state(sched.arrays, latents, st.sched_dtype)
         consts = (experts, kvs)
-        carry = (latents, sstate)
-        rest = (cond, mask, arrays, jnp.asarray(timesteps), guidance, jnp.int32(boundary), rope)
+        carry = (latents, sstate, cache)
+        rest = (cond, mask, arrays, jnp.asarray(timesteps), guidance, jnp.int32(boundary), rope, plan)
         fn = functools.partial(_denoise, st=st, tcfgs=self.tcfgs, grid=grid)
         denoise = self._compile(("denoise", st, grid, shape, scheduler), fn, *consts, *carry, *rest,
                                 jnp.int32(0), jnp.int32(1))
@@ -462,6 +521,7 @@ class WanPipeline:
             if progress is not None:
                 jax.block_until_ready(carry)
                 progress(start + count - 1)
+        self.last_block_runs = None if cache is None else np.asarray(carry[2]["ran"])  # per branch (cond, uncond)
         fin = self._compile(("finish", st, shape), functools.partial(_finish, st=st), carry[0], cond, mask)
         out = fin(carry[0], cond, mask)
         jax.block_until_ready(out)
