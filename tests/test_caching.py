@@ -53,3 +53,12 @@ def test_no_guidance_single_branch(pipe):
     out = _run(pipe, _plan([1, 0, 1, 0, 1, 1], [0] * STEPS), guidance_scale=1.0, guidance_scale_2=1.0)
     assert pipe.last_block_runs.tolist() == [4]
     assert np.isfinite(out).all()
+
+
+def test_calibration_tool_records_ratios(converted):
+    import calibrate_magcache
+
+    pipe = WanPipeline.from_converted(converted["wan2.1-t2v"], dtype="float32")
+    ratios = calibrate_magcache.calibrate(pipe, "a fox", 5, negative_prompt="blurry", **{**KW, "guidance_scale": 4.0})
+    assert len(ratios) == 10 and ratios[:2] == [1.0, 1.0]
+    assert all(0.2 < r < 5.0 for r in ratios[2:]) and len(set(ratios[2:])) > 1

@@ -156,8 +156,13 @@ def _blocks_with_cache(params, tokens, temb_proj, rope, kv, st: _Static, plan, c
         index = plan[0].astype(jnp.int32) * 2 + plan[1].astype(jnp.int32)
         branches = [case([]), case([1]), case([0]), case([0, 1])]
     h, ran = jax.lax.switch(index, branches, None)
-    residual = jnp.where(ran[:, None, None] > 0, (h - tokens).astype(cache["r"].dtype), cache["r"])
-    return h, {**cache, "r": residual, "ran": cache["ran"] + ran}
+    new = (h - tokens).astype(cache["r"].dtype)
+    residual = jnp.where(ran[:, None, None] > 0, new, cache["r"])
+    # MagCache calibration statistic: mean over tokens of ||r_t|| / ||r_(t-1)|| per branch (1.0 at first)
+    norm = lambda r: jnp.linalg.norm(r.astype(jnp.float32), axis=-1)  # noqa: E731
+    prev = norm(cache["r"])
+    ratio = jnp.where(prev.min(axis=-1) > 0, (norm(new) / jnp.maximum(prev, 1e-30)).mean(axis=-1), 1.0)
+    return h, {**cache, "r": residual, "ran": cache["ran"] + ran, "ratio": ratio}
 
 
 def _denoise(experts, kvs, x, sstate, cache, cond, mask, arrays, timesteps, guidance, boundary, rope, plan, start,
@@ -190,6 +195,8 @@ def _denoise(experts, kvs, x, sstate, cache, cond, mask, arrays, timesteps, guid
         else:
             v, cache = jax.lax.cond(i < boundary, run(0), run(1), cache)
         x, sstate = schedulers.step(arrays, sstate, i, v, x, dtype=st.sched_dtype)
+        if cache is not None and "ratios" in cache:
+            cache = {**cache, "ratios": cache["ratios"].at[i].set(cache["ratio"])}
         return x, sstate, cache
 
     return jax.lax.fori_loop(0, count, body, (x, sstate, cache))
@@ -504,7 +511,8 @@ class WanPipeline:
             s_tok = grid[0] * grid[1] * grid[2]
             cache = {"r": jnp.zeros((rows, s_tok, self.tcfgs[0].dim), st.dtype),
                      "diff": jnp.zeros((1, self.tcfgs[0].out_channels) + shape[2:], jnp.float32),
-                     "ran": jnp.zeros((rows,), jnp.int32)}
+                     "ran": jnp.zeros((rows,), jnp.int32), "ratio": jnp.ones((rows,), jnp.float32),
+                     "ratios": jnp.ones((MAX_STEPS, rows), jnp.float32)}
         guidance = jnp.asarray([guidance_scale, guidance_scale_2], jnp.float32)
         sstate = schedulers.init_state(sched.arrays, latents, st.sched_dtype)
         consts = (experts, kvs)
@@ -522,6 +530,8 @@ class WanPipeline:
                 jax.block_until_ready(carry)
                 progress(start + count - 1)
         self.last_block_runs = None if cache is None else np.asarray(carry[2]["ran"])  # per branch (cond, uncond)
+        #: per step and branch, mean ||r_t|| / ||r_(t-1)|| of the block residual (MagCache calibration)
+        self.last_mag_ratios = None if cache is None else np.asarray(carry[2]["ratios"])[:num_inference_steps]
         fin = self._compile(("finish", st, shape), functools.partial(_finish, st=st), carry[0], cond, mask)
         out = fin(carry[0], cond, mask)
         jax.block_until_ready(out)
