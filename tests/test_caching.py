@@ -62,3 +62,28 @@ def test_calibration_tool_records_ratios(converted):
     ratios = calibrate_magcache.calibrate(pipe, "a fox", 5, negative_prompt="blurry", **{**KW, "guidance_scale": 4.0})
     assert len(ratios) == 10 and ratios[:2] == [1.0, 1.0]
     assert all(0.2 < r < 5.0 for r in ratios[2:]) and len(set(ratios[2:])) > 1
+
+
+def test_policies_end_to_end_with_two_experts(converted):
+    """MagCache (published Wan 2.2 curve) and CFG cache through the one loop, across the expert switch;
+    thresh 0 is dense bitwise; the block-run count equals the host plan's."""
+    from wan_runtime import caching, schedulers
+
+    pipe = WanPipeline.from_converted(converted["wan2.2-t2v-a14b"], dtype="float32")
+    steps = 12
+    dense = pipe(
+        "a red fox runs through fresh snow", "blurry", num_inference_steps=steps, **KW)
+    zero = caching.CacheConfig(policy="magcache", model="wan2.2_t2v_A14B", thresh=0.0)
+    same = pipe("a red fox runs through fresh snow", "blurry", num_inference_steps=steps, cache=zero, **KW)
+    assert np.array_equal(dense, same) and pipe.last_block_runs.tolist() == [steps, steps]
+    sched = schedulers.make_schedule("unipc", steps, pipe.scheduler_config.get("flow_shift", 3.0))
+    k = schedulers.expert_boundary_index(sched.timesteps, pipe.boundary_ratio)
+    for cfg in (caching.CacheConfig(policy="magcache", model="wan2.2_t2v_A14B", thresh=0.5, K=3, retention=0.2),
+                caching.CacheConfig(policy="cfg", cfg_interval=2, cfg_start=2)):
+        plan = caching.step_plan(cfg, steps, calibration=caching.load_calibration(), boundary_index=k)
+        out = pipe("a red fox runs through fresh snow", "blurry", num_inference_steps=steps, cache=cfg, **KW)
+        assert pipe.last_block_runs.tolist() == [int(plan[:, 0].sum()), int(plan[:, 1].sum())]
+        assert pipe.last_block_runs.sum() < 2 * steps  # something was skipped
+        assert plan[k, 0] and plan[k, 1]  # the first low-noise step computes both branches
+        assert np.isfinite(out).all()
+    assert pipe.last_warnings == [] or "flow_shift" in pipe.last_warnings[0]

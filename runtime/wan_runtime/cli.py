@@ -56,6 +56,15 @@ def _fail(debug: bool, e: BaseException):
               "(default ~/.cache/wan-jax/xla or $WAN_JAX_COMPILATION_CACHE)")
 @click.option("--mesh", default=None, help="e.g. data=1,fsdp=2,context=4 (default: one device)")
 @click.option("--fps", type=int, default=None)
+@click.option("--cache", "cache_policy", type=click.Choice(["none", "magcache", "cfg"]), default=None,
+              help="step caching: MagCache (calibrated residual reuse) or CFG cache (default: the preset's, else none)")
+@click.option("--cache-thresh", type=float, default=None, help="MagCache accumulated-error bound (default: the curve's)")
+@click.option("--cache-k", type=int, default=None, help="MagCache max consecutive skips")
+@click.option("--cache-retention", type=float, default=None, help="MagCache fraction of first steps always computed")
+@click.option("--cache-model", default=None, help="MagCache curve key (default: the preset's published curve)")
+@click.option("--cache-calibration", type=click.Path(), default=None, help="calibration JSON (tools/calibrate_magcache.py)")
+@click.option("--cfg-cache-interval", type=int, default=None, help="CFG cache: a full step every N steps")
+@click.option("--cfg-cache-start", type=int, default=None, help="CFG cache: first step that may reuse")
 @click.option("--image", type=click.Path(), default=None, help="first frame for image-to-video (I2V, TI2V)")
 @click.option("--latents", type=click.Path(), default=None, help="initial latents .npy, (C, F', H', W') or (1, C, F', H', W')")
 @click.option("--output", "-o", default="out.mp4", show_default=True, help="out.mp4, or out.npy for float32 frames in [0, 1]")
@@ -64,7 +73,8 @@ def _fail(debug: bool, e: BaseException):
 @click.version_option(__version__, prog_name="wan-run")
 def main(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
          scheduler, seed, dtype, transformer_dtype, text_encoder_dtype, vae_dtype, weights_dtype,
-         vae_weights_dtype, scheduler_dtype, kv_cache, executable_cache, compile_cache, mesh, fps, image, latents, output, quiet, debug):
+         vae_weights_dtype, scheduler_dtype, kv_cache, executable_cache, compile_cache, mesh, fps, cache_policy,
+         cache_thresh, cache_k, cache_retention, cache_model, cache_calibration, cfg_cache_interval, cfg_cache_start, image, latents, output, quiet, debug):
     """Generate a video from a converted Wan checkpoint."""
     try:
         run(**locals())
@@ -89,7 +99,9 @@ def _is_user_error(e: BaseException) -> bool:
 
 def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
         scheduler, seed, dtype, transformer_dtype, text_encoder_dtype, vae_dtype, weights_dtype, vae_weights_dtype,
-        scheduler_dtype, kv_cache, executable_cache, compile_cache, mesh, fps, image, latents, output, quiet, debug):
+        scheduler_dtype, kv_cache, executable_cache, compile_cache, mesh, fps, cache_policy, cache_thresh, cache_k,
+        cache_retention, cache_model, cache_calibration, cfg_cache_interval, cfg_cache_start, image, latents, output,
+        quiet, debug):
     import numpy as np
 
     from . import presets as presets_lib
@@ -118,6 +130,21 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
         negative_prompt = s.get("negative_prompt", DEFAULT_NEGATIVE)
     validate_request(ckpt, s["height"], s["width"], s["frames"], s["steps"], s["guidance"])
     check_image_input(image_input_kind(ckpt), ckpt.family, image is not None)
+    from . import caching
+
+    cache_settings = {"cache": cache_policy or s.get("cache"), "cache_thresh": cache_thresh, "cache_k": cache_k,
+                      "cache_retention": cache_retention, "cfg_cache_interval": cfg_cache_interval,
+                      "cfg_cache_start": cfg_cache_start, "cache_calibration": cache_calibration,
+                      "cache_model": cache_model or caching.model_key_for_preset(p["name"], image is not None)}
+    try:
+        cache_cfg = caching.CacheConfig.from_preset(cache_settings)
+        if cache_cfg.policy == "magcache":
+            if cache_cfg.model is None:
+                raise ValueError(f"--cache-model: preset {p['name']} has no published MagCache curve; calibrate one "
+                                 "with tools/calibrate_magcache.py and pass --cache-calibration and --cache-model")
+            caching.model_entry(caching.load_calibration(cache_cfg.calibration), cache_cfg.model)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
     img = None
     if image is not None:
         from .image import load_image
@@ -158,9 +185,15 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
                       num_inference_steps=s["steps"], guidance_scale=s["guidance"], guidance_scale_2=s.get("guidance_2"),
                       seed=seed, latents=init, flow_shift=s.get("flow_shift"), scheduler=s["scheduler"],
                       max_sequence_length=s["max_sequence_length"],
-                      output_type="np" if out.suffix == ".npy" else "uint8", image=img, progress=progress)
+                      output_type="np" if out.suffix == ".npy" else "uint8", image=img, cache=cache_cfg,
+                      progress=progress)
     if bar is not None:
         bar.close()
+    for w in pipe.last_warnings:
+        click.echo(f"wan-run: warning: {w}", err=True)
+    if pipe.last_block_runs is not None:
+        n = s["steps"] * len(pipe.last_block_runs)
+        click.echo(f"cache {cache_cfg.policy}: ran the blocks {int(pipe.last_block_runs.sum())} of {n} times")
     if pipe.last_truncated.any():
         click.echo(f"wan-run: warning: a prompt was longer than {s['max_sequence_length']} tokens and was truncated", err=True)
     t0 = time.perf_counter()
@@ -176,7 +209,8 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
         "preset": p["name"],
         "settings": {k: s[k] for k in ("height", "width", "frames", "steps", "guidance", "guidance_2", "flow_shift",
                                        "scheduler", "fps", "max_sequence_length", "boundary", "mesh") if k in s}
-        | {"dtypes": dataclasses.asdict(dtypes), "kv_cache": kv_cache, "latents": latents, "image": image},
+        | {"dtypes": dataclasses.asdict(dtypes), "kv_cache": kv_cache, "cache": dataclasses.asdict(cache_cfg),
+           "block_runs": None if pipe.last_block_runs is None else pipe.last_block_runs.tolist(), "latents": latents, "image": image},
         "timings": pipe.timings.as_dict() | {"write": round(write_seconds, 4)},
         "wan_run": __version__,
     }

@@ -440,12 +440,13 @@ class WanPipeline:
                  num_frames: int = 81, num_inference_steps: int = 50, guidance_scale: float = 5.0,
                  guidance_scale_2: float | None = None, seed: int = 0, latents=None, flow_shift: float | None = None,
                  scheduler: str = "unipc", max_sequence_length: int = 512, output_type: str = "np",
-                 image=None, step_plan=None, progress: Callable[[int], None] | None = None):
+                 image=None, cache=None, step_plan=None, progress: Callable[[int], None] | None = None):
         """Returns frames (F, H, W, 3): float32 in [0, 1] for output_type="np", uint8 for "uint8".
 
         ``image`` (a path or PIL image) conditions image-to-video models (Wan 2.1/2.2 I2V, TI2V-5B).
         ``step_plan`` (bool (steps, 3): compute cond blocks, compute uncond blocks, uncond from the CFG
-        cache) turns on step caching; wan_runtime.caching makes plans for each policy. None: dense."""
+        cache) turns on step caching; ``cache`` (a caching.CacheConfig) makes that plan from a policy
+        (MagCache with a calibration curve, CFG cache). Neither: dense."""
         self.validate(height, width, num_frames, num_inference_steps, guidance_scale)
         check_image_input(self.image_input, self.ckpt.family, image is not None)
         self.timings.compile = 0.0  # per generation (load is the pipeline's)
@@ -499,6 +500,20 @@ class WanPipeline:
                 shape[4] // self.tcfgs[0].patch_size[2])
         rope = tr.rope_tables(self.tcfgs[0], grid)
         n_image = int(image_emb.shape[1]) if image_emb is not None and self.tcfgs[0].image_dim else 0
+        self.last_warnings = []
+        if cache is not None and step_plan is None and cache.policy != "none":
+            from . import caching as caching_lib
+
+            calibration = caching_lib.load_calibration(cache.calibration) if cache.policy == "magcache" else None
+            step_plan = caching_lib.step_plan(cache, num_inference_steps, calibration=calibration,
+                                              boundary_index=boundary if len(self.experts) > 1 else None,
+                                              do_cfg=do_cfg)
+            if cache.policy == "magcache":
+                warn = caching_lib.calibration_warning(caching_lib.model_entry(calibration, cache.model),
+                                                       num_inference_steps, shift,
+                                                       self.boundary_ratio if len(self.experts) > 1 else None)
+                if warn:
+                    self.last_warnings.append(warn)
         caching = step_plan is not None
         st = _Static(self.tcfgs[0], len(self.experts), do_cfg, jnp.dtype(dt.transformer), jnp.dtype(dt.scheduler), mode,
                      self.kv_cache, n_image, caching)

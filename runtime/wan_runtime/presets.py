@@ -10,7 +10,8 @@ from typing import Any, Mapping
 SETTINGS: dict[str, type] = {
     "height": int, "width": int, "frames": int, "steps": int, "guidance": float, "guidance_2": float,
     "flow_shift": float, "boundary": float, "fps": int, "scheduler": str, "negative_prompt": str,
-    "max_sequence_length": int, "mesh": str,
+    "max_sequence_length": int, "mesh": str, "cache": str, "cache_thresh": float, "cache_k": int,
+    "cache_retention": float,
 }
 META = {"description", "family", "heads", "auto"}
 
