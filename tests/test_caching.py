@@ -87,3 +87,21 @@ def test_policies_end_to_end_with_two_experts(converted):
         assert plan[k, 0] and plan[k, 1]  # the first low-noise step computes both branches
         assert np.isfinite(out).all()
     assert pipe.last_warnings == [] or "flow_shift" in pipe.last_warnings[0]
+
+
+@pytest.mark.parametrize("policy", ["teacache", "firstblock"])
+def test_data_dependent_policies(pipe, policy):
+    """TeaCache and FirstBlockCache decide inside the loop (lax.switch on traced flags): thresh 0 is dense
+    bitwise; a positive threshold skips blocks, on both Wan 2.2 experts too."""
+    from wan_runtime import caching
+
+    def cfg(thresh):
+        if policy == "teacache":
+            return caching.CacheConfig(policy="teacache", model="ret_steps_1.3B", teacache_thresh=thresh)
+        return caching.CacheConfig(policy="firstblock", firstblock_thresh=thresh)
+
+    dense = _run(pipe)
+    same = pipe("a red fox runs through fresh snow", "blurry", num_inference_steps=STEPS, cache=cfg(0.0), **KW)
+    assert np.array_equal(dense, same) and pipe.last_block_runs.tolist() == [STEPS, STEPS]
+    out = pipe("a red fox runs through fresh snow", "blurry", num_inference_steps=STEPS, cache=cfg(0.5), **KW)
+    assert pipe.last_block_runs.sum() < 2 * STEPS and np.isfinite(out).all()

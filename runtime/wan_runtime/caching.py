@@ -44,6 +44,12 @@ POLICIES = ("none", "magcache", "cfg", "teacache", "firstblock")
 HIGH_NOISE_UNCACHED = frozenset({"wan2.2_i2v_A14B"})
 
 #: preset name (configs/*.toml stem) -> calibration key; TI2V-5B has a curve per task
+#: preset -> TeaCache4Wan2.1 coefficients (the modulated-embedding variant); Wan 2.2 has none published
+TEACACHE_MODELS = {
+    "wan2.1-t2v-1.3b": "ret_steps_1.3B", "wan2.1-t2v-14b": "ret_steps_14B",
+    "wan2.1-i2v-14b-480p": "ret_steps_i2v_480P", "wan2.1-i2v-14b-720p": "ret_steps_i2v_720P",
+}
+
 PRESET_MODELS = {
     "wan2.1-t2v-1.3b": "wan2.1_t2v_1.3B", "wan2.1-t2v-14b": "wan2.1_t2v_14B",
     "wan2.1-i2v-14b-480p": "wan2.1_i2v_14B_480P", "wan2.1-i2v-14b-720p": "wan2.1_i2v_14B_720P",
@@ -300,4 +306,13 @@ def step_plan(config: CacheConfig, num_steps: int, *, calibration: Mapping[str, 
         reuse = cfg_cache_plan(num_steps, start, config.cfg_interval, config.cfg_end, boundary_index)
         plan[:, 0], plan[:, 1], plan[:, 2] = True, ~reuse, reuse
         return plan
-    raise ValueError(f"--cache: {config.policy} decides per step inside the loop; it has no host plan")
+    if config.policy in ("teacache", "firstblock"):
+        # decided inside the loop from the data; the host plan only forces full steps (column 0): TeaCache's
+        # retention / final steps, FirstBlockCache's first step, and the first step of each expert
+        use_ret = config.policy == "teacache" and str(config.model or "").startswith("ret_steps_")
+        forced = teacache_forced_steps(num_steps, use_ret) if config.policy == "teacache" else np.arange(num_steps) < 1
+        if boundary_index is not None and 0 < boundary_index < num_steps:
+            forced[boundary_index] = True
+        plan[:, 0] = forced
+        return plan
+    raise ValueError(f"--cache: unknown policy {config.policy!r}")

@@ -56,8 +56,10 @@ def _fail(debug: bool, e: BaseException):
               "(default ~/.cache/wan-jax/xla or $WAN_JAX_COMPILATION_CACHE)")
 @click.option("--mesh", default=None, help="e.g. data=1,fsdp=2,context=4 (default: one device)")
 @click.option("--fps", type=int, default=None)
-@click.option("--cache", "cache_policy", type=click.Choice(["none", "magcache", "cfg"]), default=None,
-              help="step caching: MagCache (calibrated residual reuse) or CFG cache (default: the preset's, else none)")
+@click.option("--cache", "cache_policy", type=click.Choice(["none", "magcache", "cfg", "teacache", "firstblock"]),
+              default=None, help="step caching policy (default: the preset's, else none)")
+@click.option("--teacache-thresh", type=float, default=None, help="TeaCache accumulated-change bound (0.2)")
+@click.option("--firstblock-thresh", type=float, default=None, help="FirstBlockCache relative-change bound (0.05)")
 @click.option("--cache-thresh", type=float, default=None, help="MagCache accumulated-error bound (default: the curve's)")
 @click.option("--cache-k", type=int, default=None, help="MagCache max consecutive skips")
 @click.option("--cache-retention", type=float, default=None, help="MagCache fraction of first steps always computed")
@@ -74,7 +76,7 @@ def _fail(debug: bool, e: BaseException):
 def main(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
          scheduler, seed, dtype, transformer_dtype, text_encoder_dtype, vae_dtype, weights_dtype,
          vae_weights_dtype, scheduler_dtype, kv_cache, executable_cache, compile_cache, mesh, fps, cache_policy,
-         cache_thresh, cache_k, cache_retention, cache_model, cache_calibration, cfg_cache_interval, cfg_cache_start, image, latents, output, quiet, debug):
+         teacache_thresh, firstblock_thresh, cache_thresh, cache_k, cache_retention, cache_model, cache_calibration, cfg_cache_interval, cfg_cache_start, image, latents, output, quiet, debug):
     """Generate a video from a converted Wan checkpoint."""
     try:
         run(**locals())
@@ -99,7 +101,8 @@ def _is_user_error(e: BaseException) -> bool:
 
 def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
         scheduler, seed, dtype, transformer_dtype, text_encoder_dtype, vae_dtype, weights_dtype, vae_weights_dtype,
-        scheduler_dtype, kv_cache, executable_cache, compile_cache, mesh, fps, cache_policy, cache_thresh, cache_k,
+        scheduler_dtype, kv_cache, executable_cache, compile_cache, mesh, fps, cache_policy, teacache_thresh, firstblock_thresh,
+        cache_thresh, cache_k,
         cache_retention, cache_model, cache_calibration, cfg_cache_interval, cfg_cache_start, image, latents, output,
         quiet, debug):
     import numpy as np
@@ -135,14 +138,22 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
     cache_settings = {"cache": cache_policy or s.get("cache"), "cache_thresh": cache_thresh, "cache_k": cache_k,
                       "cache_retention": cache_retention, "cfg_cache_interval": cfg_cache_interval,
                       "cfg_cache_start": cfg_cache_start, "cache_calibration": cache_calibration,
-                      "cache_model": cache_model or caching.model_key_for_preset(p["name"], image is not None)}
+                      "teacache_thresh": teacache_thresh, "firstblock_thresh": firstblock_thresh,
+                      "cache_model": cache_model}
+    policy = cache_settings["cache"] or "none"
+    if cache_model is None and policy == "magcache":
+        cache_settings["cache_model"] = caching.model_key_for_preset(p["name"], image is not None)
+    elif cache_model is None and policy == "teacache":
+        cache_settings["cache_model"] = caching.TEACACHE_MODELS.get(p["name"])
     try:
         cache_cfg = caching.CacheConfig.from_preset(cache_settings)
+        if cache_cfg.policy in ("magcache", "teacache") and cache_cfg.model is None:
+            raise ValueError(f"--cache-model: preset {p['name']} has no published {cache_cfg.policy} calibration; "
+                             "pass --cache-model (and --cache-calibration, see tools/calibrate_magcache.py)")
         if cache_cfg.policy == "magcache":
-            if cache_cfg.model is None:
-                raise ValueError(f"--cache-model: preset {p['name']} has no published MagCache curve; calibrate one "
-                                 "with tools/calibrate_magcache.py and pass --cache-calibration and --cache-model")
             caching.model_entry(caching.load_calibration(cache_cfg.calibration), cache_cfg.model)
+        if cache_cfg.policy == "teacache":
+            caching.teacache_coefficients(caching.load_calibration(cache_cfg.calibration), cache_cfg.model)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None
     img = None

@@ -89,7 +89,8 @@ class _Static:
     mode: str = "t2v"
     kv_cache: bool = True
     n_image: int = 0  # CLIP tokens at the front of the context (Wan 2.1 I2V)
-    caching: bool = False  # step caching (MagCache, CFG cache): per-step plan + cached block residuals
+    caching: bool = False  # step caching: per-step plan + cached block residuals
+    policy: str = "plan"  # "plan" (MagCache, CFG cache), "teacache_e0" / "teacache_e", "firstblock"
 
 
 def _model_input(x, cond, mask, st: _Static):
@@ -124,7 +125,28 @@ def _model_eval(params, tcfg, kv, x, t, cond, mask, rope, grid, st: _Static, pla
     if not st.caching:
         h = tr.run_blocks(params, tokens, temb_proj, rope, kv, st.tcfg, st.dtype)
         return tr.unpatchify_head(params, st.tcfg, h, temb, grid), cache  # (b, C, F, H, W) float32
-    h, cache = _blocks_with_cache(params, tokens, temb_proj, rope, kv, st, plan, cache)
+    if st.policy == "plan":
+        h, cache = _blocks_with_cache(params, tokens, temb_proj, rope, kv, st, (plan[0], plan[1]), cache)
+    elif st.policy.startswith("teacache"):  # skip when the rescaled embedding change accumulates < thresh
+        e = (temb_proj if st.policy == "teacache_e0" else temb).astype(jnp.float32)
+        axes = tuple(range(1, e.ndim))
+        prev = cache["prev_e"]
+        rel = jnp.abs(e - prev).mean(axes) / jnp.maximum(jnp.abs(prev).mean(axes), 1e-30)
+        acc = cache["acc"] + jnp.polyval(cache["coef"], rel)
+        compute = plan[0] | (acc >= cache["thresh"]) | (cache["thresh"] <= 0)  # thresh 0: never skip
+        cache = {**cache, "acc": jnp.where(compute, 0.0, acc), "prev_e": e}
+        h, cache = _blocks_with_cache(params, tokens, temb_proj, rope, kv, st, _rows(compute), cache)
+    else:  # firstblock: run block 0; skip the rest when its residual changed less than thresh
+        first = jax.tree.map(lambda a: a[0], params["blocks"])
+        h1 = tr.block(first, tokens, temb_proj, rope, jax.tree.map(lambda a: a[0], kv), st.tcfg, st.dtype)
+        r1 = (h1 - tokens).astype(jnp.float32)
+        prev = cache["r1"]
+        change = jnp.abs(r1 - prev).mean((1, 2)) / jnp.maximum(jnp.abs(prev).mean((1, 2)), 1e-30)
+        compute = plan[0] | (change >= cache["thresh"])
+        cache = {**cache, "r1": jnp.where(compute[:, None, None], r1, prev)}
+        rest = {**params, "blocks": jax.tree.map(lambda a: a[1:], params["blocks"])}
+        h, cache = _blocks_with_cache(rest, h1, temb_proj, rope, jax.tree.map(lambda a: a[1:], kv), st,
+                                      _rows(compute), cache)
     v = tr.unpatchify_head(params, st.tcfg, h, temb, grid)
     if st.cfg:  # CFG cache: rebuild the unconditional prediction from the last full step's difference
         v_u = jnp.where(plan[2], v[:1] - cache["diff"], v[1:])
@@ -133,7 +155,12 @@ def _model_eval(params, tcfg, kv, x, t, cond, mask, rope, grid, st: _Static, pla
     return v, cache
 
 
-def _blocks_with_cache(params, tokens, temb_proj, rope, kv, st: _Static, plan, cache):
+def _rows(compute):
+    """Per-row compute flags -> (cond, uncond) as _blocks_with_cache takes them (one row: no uncond)."""
+    return (compute[0], compute[1] if compute.shape[0] > 1 else jnp.bool_(False))
+
+
+def _blocks_with_cache(params, tokens, temb_proj, rope, kv, st: _Static, flags, cache):
     """Run the blocks only for the batch rows (cond, uncond) the plan computes; the others reuse their
     cached residual. A lax.switch over the (at most) four cases, so a skipped row costs no block."""
     rows = tokens.shape[0]
@@ -151,9 +178,9 @@ def _blocks_with_cache(params, tokens, temb_proj, rope, kv, st: _Static, plan, c
         return f
 
     if rows == 1:
-        index, branches = plan[0].astype(jnp.int32), [case([]), case([0])]
+        index, branches = flags[0].astype(jnp.int32), [case([]), case([0])]
     else:
-        index = plan[0].astype(jnp.int32) * 2 + plan[1].astype(jnp.int32)
+        index = flags[0].astype(jnp.int32) * 2 + flags[1].astype(jnp.int32)
         branches = [case([]), case([1]), case([0]), case([0, 1])]
     h, ran = jax.lax.switch(index, branches, None)
     new = (h - tokens).astype(cache["r"].dtype)
@@ -515,23 +542,41 @@ class WanPipeline:
                 if warn:
                     self.last_warnings.append(warn)
         caching = step_plan is not None
+        policy = "plan"
+        if caching and cache is not None and cache.policy == "teacache":
+            policy = "teacache_e0" if str(cache.model).startswith("ret_steps_") else "teacache_e"
+        elif caching and cache is not None and cache.policy == "firstblock":
+            policy = "firstblock"
         st = _Static(self.tcfgs[0], len(self.experts), do_cfg, jnp.dtype(dt.transformer), jnp.dtype(dt.scheduler), mode,
-                     self.kv_cache, n_image, caching)
-        plan, cache = None, None
+                     self.kv_cache, n_image, caching, policy)
+        plan, cache_state = None, None
         if caching:
             plan = np.zeros((MAX_STEPS, 3), bool)
             plan[:num_inference_steps] = np.asarray(step_plan, bool).reshape(num_inference_steps, 3)
             plan = jnp.asarray(plan)
             rows = 2 if do_cfg else 1
             s_tok = grid[0] * grid[1] * grid[2]
-            cache = {"r": jnp.zeros((rows, s_tok, self.tcfgs[0].dim), st.dtype),
+            cache_state = {"r": jnp.zeros((rows, s_tok, self.tcfgs[0].dim), st.dtype),
                      "diff": jnp.zeros((1, self.tcfgs[0].out_channels) + shape[2:], jnp.float32),
                      "ran": jnp.zeros((rows,), jnp.int32), "ratio": jnp.ones((rows,), jnp.float32),
                      "ratios": jnp.ones((MAX_STEPS, rows), jnp.float32)}
+            if policy.startswith("teacache"):
+                from . import caching as caching_lib
+
+                coef = caching_lib.teacache_coefficients(caching_lib.load_calibration(cache.calibration), cache.model)
+                d = self.tcfgs[0].dim
+                cache_state["prev_e"] = jnp.zeros((rows, 6, d) if policy == "teacache_e0" else (rows, d), jnp.float32)
+                if mode == "expand":  # per-token timestep embeddings
+                    cache_state["prev_e"] = jnp.zeros((rows, s_tok) + cache_state["prev_e"].shape[1:], jnp.float32)
+                cache_state.update(acc=jnp.zeros((rows,), jnp.float32), coef=jnp.asarray(coef, jnp.float32),
+                                   thresh=jnp.float32(cache.teacache_thresh))
+            elif policy == "firstblock":
+                cache_state.update(r1=jnp.zeros((rows, s_tok, self.tcfgs[0].dim), jnp.float32),
+                                   thresh=jnp.float32(cache.firstblock_thresh))
         guidance = jnp.asarray([guidance_scale, guidance_scale_2], jnp.float32)
         sstate = schedulers.init_state(sched.arrays, latents, st.sched_dtype)
         consts = (experts, kvs)
-        carry = (latents, sstate, cache)
+        carry = (latents, sstate, cache_state)
         rest = (cond, mask, arrays, jnp.asarray(timesteps), guidance, jnp.int32(boundary), rope, plan)
         fn = functools.partial(_denoise, st=st, tcfgs=self.tcfgs, grid=grid)
         denoise = self._compile(("denoise", st, grid, shape, scheduler), fn, *consts, *carry, *rest,
@@ -544,9 +589,9 @@ class WanPipeline:
             if progress is not None:
                 jax.block_until_ready(carry)
                 progress(start + count - 1)
-        self.last_block_runs = None if cache is None else np.asarray(carry[2]["ran"])  # per branch (cond, uncond)
+        self.last_block_runs = None if cache_state is None else np.asarray(carry[2]["ran"])  # per branch (cond, uncond)
         #: per step and branch, mean ||r_t|| / ||r_(t-1)|| of the block residual (MagCache calibration)
-        self.last_mag_ratios = None if cache is None else np.asarray(carry[2]["ratios"])[:num_inference_steps]
+        self.last_mag_ratios = None if cache_state is None else np.asarray(carry[2]["ratios"])[:num_inference_steps]
         fin = self._compile(("finish", st, shape), functools.partial(_finish, st=st), carry[0], cond, mask)
         out = fin(carry[0], cond, mask)
         jax.block_until_ready(out)

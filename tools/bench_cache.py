@@ -1,0 +1,114 @@
+"""Step caching: denoise speed-up vs dense, against the skipped-forward bound, and quality vs dense.
+
+    python tools/bench_cache.py [--size small] [--steps 20] [--height 128 --width 128 --frames 9]
+
+On a random "small" Wan 2.1 model (tools/make_tiny_checkpoint.py --size small, bf16 checkpoint): the
+model is first calibrated for MagCache with tools/calibrate_magcache.py's routine (random weights have
+no published curve), then each policy runs the same generation as the dense baseline. The bound is
+(dense block forwards) / (forwards the policy ran; FirstBlockCache's always-run first block counted in
+block units): what skipping alone could give if the blocks were
+all of the step's time. PSNR and SSIM (uint8 frames, peak 255) are against the dense output.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "runtime"), str(ROOT / "convert"), str(ROOT / "tools")]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM over frames and channels (Gaussian window sigma 1.5, K1 0.01, K2 0.03, L 255)."""
+    from scipy.ndimage import gaussian_filter
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    vals = []
+    for fa, fb in zip(a.astype(np.float64), b.astype(np.float64)):
+        for ch in range(fa.shape[-1]):
+            x, y = fa[..., ch], fb[..., ch]
+            mx, my = gaussian_filter(x, 1.5), gaussian_filter(y, 1.5)
+            sxx = gaussian_filter(x * x, 1.5) - mx * mx
+            syy = gaussian_filter(y * y, 1.5) - my * my
+            sxy = gaussian_filter(x * y, 1.5) - mx * my
+            m = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+            vals.append(m.mean())
+    return float(np.mean(vals))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--height", type=int, default=128)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--frames", type=int, default=9)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "wan-bench-runtime")
+    args = ap.parse_args(argv)
+
+    import calibrate_magcache
+    import make_tiny_checkpoint as mtc
+    from wan_convert.convert import convert
+    from wan_runtime import caching
+    from wan_runtime.pipeline import WanPipeline
+
+    src, ck = args.workdir / f"src-{args.size}", args.workdir / f"ck-{args.size}"
+    if not (src / "model_index.json").exists():
+        mtc.write("wan2.1-t2v", src, size=args.size)
+    if not (ck / "manifest.json").exists():
+        convert(str(src), ck, force=True)
+    pipe = WanPipeline.from_converted(ck)
+    kw = dict(negative_prompt="blurry, static", height=args.height, width=args.width, num_frames=args.frames,
+              guidance_scale=5.0, seed=0, output_type="uint8")
+    prompt = "a red fox runs through fresh snow"
+    ratios = calibrate_magcache.calibrate(pipe, "a cat walks on the grass", args.steps, **{**kw, "output_type": "np"})
+    calibration = {"models": {"bench": {"steps": args.steps, "mag_ratios": ratios,
+                                        "recommended": {"thresh": 0.1, "K": 2, "retention": 0.2}}}}
+    policies = {
+        "dense": None,
+        "magcache thresh 0.06 K 2": caching.CacheConfig(policy="magcache", model="bench", thresh=0.06, K=2, retention=0.2),
+        "magcache thresh 0.12 K 3": caching.CacheConfig(policy="magcache", model="bench", thresh=0.12, K=3, retention=0.2),
+        "cfg cache interval 2": caching.CacheConfig(policy="cfg", cfg_interval=2),
+        # TeaCache's published coefficients are for the real 1.3B; on random weights they only set a pace
+        "teacache thresh 0.3": caching.CacheConfig(policy="teacache", model="ret_steps_1.3B", teacache_thresh=0.3),
+        "firstblock thresh 0.1": caching.CacheConfig(policy="firstblock", firstblock_thresh=0.1),
+    }
+    results = {}
+    for name, cfg in policies.items():
+        dynamic = cfg is not None and cfg.policy in ("teacache", "firstblock")
+        plan = None if cfg is None or dynamic else caching.step_plan(cfg, args.steps, calibration=calibration)
+        call = dict(cache=cfg) if dynamic else dict(step_plan=plan)
+        pipe(prompt, num_inference_steps=args.steps, **call, **kw)  # compile + warm
+        times, out = [], None
+        for _ in range(args.repeat):
+            out = pipe(prompt, num_inference_steps=args.steps, **call, **kw)
+            times.append(pipe.timings.denoise)
+        forwards = 2 * args.steps if pipe.last_block_runs is None else int(pipe.last_block_runs.sum())
+        if cfg is not None and cfg.policy == "firstblock":  # block 0 always runs: count in block units
+            n_layers = pipe.tcfgs[0].num_layers
+            forwards = (2 * args.steps + forwards * (n_layers - 1)) / n_layers
+        results[name] = (statistics.median(times), forwards, out)
+    base_t, base_f, base_out = results["dense"]
+    print(f"\nstep caching, {args.size} model, {args.height}x{args.width}x{args.frames}, {args.steps} steps, CFG 5")
+    print(f"{'policy':<26} {'forwards':>9} {'denoise s':>10} {'speed-up':>9} {'bound':>6} {'of bound':>9} "
+          f"{'PSNR dB':>8} {'SSIM':>6}")
+    for name, (t, f, out) in results.items():
+        speed, bound = base_t / t, base_f / f
+        print(f"{name:<26} {f:>5.4g}/{base_f:<3} {t:>10.3f} {speed:>9.2f} {bound:>6.2f} {speed / bound:>9.2f} "
+              f"{psnr(out, base_out):>8.2f} {ssim(out, base_out):>6.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
