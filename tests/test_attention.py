@@ -1,6 +1,5 @@
 """Attention kernels, key-padding masks, and token padding of the transformer (results must not change)."""
 import functools
-import importlib.util
 import pathlib
 import sys
 
@@ -10,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from wan_convert.mapping import tree_from_state_dict
 from wan_runtime.models import attention as A
 from wan_runtime.models import transformer as T
+
+from tests import test_transformer as _tt
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 forward = jax.jit(T.forward, static_argnames=("cfg", "dtype", "pad_to"))
@@ -92,26 +92,11 @@ def test_tpu_selection_falls_back_without_splash(monkeypatch):
 # ------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def model(cin, cout):
-    """(torch model, runtime params, runtime config), 1-D params and scale_shift_tables perturbed."""
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "tools" / "make_tiny_checkpoint.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    torch.manual_seed(cin)
-    m = tiny.build_transformer(cin, cout)
-    gen = torch.Generator().manual_seed(cin + 1)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.ndim <= 1 or "scale_shift_table" in name:
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    cfg = dict(m.config)
-    sd = {k: v.detach().numpy() for k, v in m.state_dict().items()}
-    params = jax.tree.map(jnp.asarray, tree_from_state_dict("transformer", sd, cfg, "float32"))
-    return m, params, T.WanTransformerConfig.from_config(cfg)
+    """The perturbed tiny diffusers transformer and its runtime params (shared with test_transformer)."""
+    return _tt.model(cin, cout)
 
 
-def oracle(m, latents, t, text):
-    with torch.no_grad():
-        return m(torch.from_numpy(latents), torch.from_numpy(t), torch.from_numpy(text), return_dict=False)[0].numpy()
+oracle = _tt.oracle
 
 
 def test_padding_does_not_change_forward():

@@ -1,6 +1,5 @@
 """Image-encoder path: CLIP vision tower vs transformers, CLIP / VAE image preprocessing vs transformers / diffusers."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -23,15 +22,12 @@ RTOL = 1e-5
 
 
 def _tools():
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "tools" / "make_tiny_checkpoint.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import make_tiny_checkpoint  # tools/ is on sys.path (conftest.py)
+
+    return make_tiny_checkpoint
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
+from tests.test_transformer import rel as rel_err  # noqa: E402
 
 
 def _perturb(model, seed=1):

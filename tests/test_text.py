@@ -1,7 +1,6 @@
 """Text path: tokenizer vs transformers, UMT5 encoder vs transformers, prompt embeddings vs diffusers."""
 
 import functools
-import importlib.util
 import pathlib
 
 import jax
@@ -31,15 +30,12 @@ NEGATIVE = ["blurred details, worst quality", "", "ugly &amp;amp; deformed", "st
 
 
 def _tools():
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "tools" / "make_tiny_checkpoint.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import make_tiny_checkpoint  # tools/ is on sys.path (conftest.py)
+
+    return make_tiny_checkpoint
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
+from tests.test_transformer import rel as rel_err  # noqa: E402
 
 
 @pytest.fixture(scope="module")
