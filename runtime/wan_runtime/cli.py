@@ -48,6 +48,8 @@ def _fail(debug: bool, e: BaseException):
 @click.option("--weights-dtype", type=click.Choice(DTYPES), default=None, help="recast transformer/encoder weights")
 @click.option("--vae-weights-dtype", type=click.Choice(DTYPES), default=None)
 @click.option("--scheduler-dtype", type=click.Choice(DTYPES), default=None)
+@click.option("--vae-chunk", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="latent frames per VAE decode scan step")
 @click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
               help="compute every block's cross-attention K/V once per generation")
 @click.option("--executable-cache", is_flag=True, help="also keep serialized executables (skips tracing; "
@@ -75,7 +77,7 @@ def _fail(debug: bool, e: BaseException):
 @click.version_option(__version__, prog_name="wan-run")
 def main(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
          scheduler, seed, dtype, transformer_dtype, text_encoder_dtype, vae_dtype, weights_dtype,
-         vae_weights_dtype, scheduler_dtype, kv_cache, executable_cache, compile_cache, mesh, fps, cache_policy,
+         vae_weights_dtype, scheduler_dtype, vae_chunk, kv_cache, executable_cache, compile_cache, mesh, fps, cache_policy,
          teacache_thresh, firstblock_thresh, cache_thresh, cache_k, cache_retention, cache_model, cache_calibration, cfg_cache_interval, cfg_cache_start, image, latents, output, quiet, debug):
     """Generate a video from a converted Wan checkpoint."""
     try:
@@ -101,7 +103,7 @@ def _is_user_error(e: BaseException) -> bool:
 
 def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
         scheduler, seed, dtype, transformer_dtype, text_encoder_dtype, vae_dtype, weights_dtype, vae_weights_dtype,
-        scheduler_dtype, kv_cache, executable_cache, compile_cache, mesh, fps, cache_policy, teacache_thresh, firstblock_thresh,
+        scheduler_dtype, vae_chunk, kv_cache, executable_cache, compile_cache, mesh, fps, cache_policy, teacache_thresh, firstblock_thresh,
         cache_thresh, cache_k,
         cache_retention, cache_model, cache_calibration, cfg_cache_interval, cfg_cache_start, image, latents, output,
         quiet, debug):
@@ -184,6 +186,7 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
     pipe = WanPipeline.from_converted(checkpoint, mesh=s.get("mesh"), dtype=dtypes, compilation_cache=compile_cache,
                                       executable_cache=executable_cache or None)
     pipe.kv_cache = kv_cache
+    pipe.vae_chunk = vae_chunk
     if "boundary" in s:
         pipe.boundary_ratio = s["boundary"]
     bar = None

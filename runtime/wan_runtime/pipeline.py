@@ -262,9 +262,9 @@ def _encode_condition(vae_params, video, mean, inv_std, *, vcfg, dtype):
     return (z - mean) * inv_std
 
 
-def _decode(vae_params, latents, mean, inv_std, *, vcfg, dtype, as_uint8: bool):
+def _decode(vae_params, latents, mean, inv_std, *, vcfg, dtype, as_uint8: bool, chunk: int = 1):
     z = latents.astype(jnp.float32) / inv_std + mean  # diffusers: latents / (1 / std) + mean
-    video = vae_lib.decode(vae_params, vcfg, z, dtype=dtype)  # (B, 3, F, H, W) in [-1, 1]
+    video = vae_lib.decode(vae_params, vcfg, z, dtype=dtype, chunk=chunk)  # (B, 3, F, H, W) in [-1, 1]
     frames = jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 4, 1)  # (B, F, H, W, 3)
     if as_uint8:
         return jnp.round(frames * 255.0).astype(jnp.uint8)
@@ -367,6 +367,8 @@ class WanPipeline:
         self.image_input = image_input_kind(ckpt)
         #: cross-attention K/V of every block computed once per generation (off: every step)
         self.kv_cache = True
+        #: latent frames per VAE decode scan step (memory is flat in the frame count for any value)
+        self.vae_chunk = 1
         #: steps per executable call: None = the whole loop in one call; 1 = a call per step
         self.steps_per_call: int | None = None
         self._compiled: dict = {}
@@ -599,8 +601,8 @@ class WanPipeline:
         self.last_latents = out
         # ---- VAE decode, frames on device
         as_uint8 = output_type == "uint8"
-        dec = functools.partial(_decode, vcfg=self.vcfg, dtype=jnp.dtype(dt.vae), as_uint8=as_uint8)
-        decode = self._compile(("decode", shape, dt.vae, as_uint8), dec, self.params["vae"], out, mean, inv_std)
+        dec = functools.partial(_decode, vcfg=self.vcfg, dtype=jnp.dtype(dt.vae), as_uint8=as_uint8, chunk=self.vae_chunk)
+        decode = self._compile(("decode", shape, dt.vae, as_uint8, self.vae_chunk), dec, self.params["vae"], out, mean, inv_std)
         t0 = time.perf_counter()
         frames = np.asarray(decode(self.params["vae"], out, mean, inv_std))[0]
         self.timings.decode = time.perf_counter() - t0

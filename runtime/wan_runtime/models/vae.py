@@ -1,14 +1,20 @@
 """Wan VAE (diffusers ``AutoencoderKLWan``: Wan 2.1, and Wan 2.2 with ``is_residual``) in JAX.
 
-Channels-last inside: activations are (B, T, H, W, C); conv kernels keep the torch layout (O, I, *k).
+Channels-last inside: activations are (B, T, H, W, C). The param tree keeps the torch layouts; each call
+first maps the kernels, once and outside the scan, to channels-last compute layouts in the compute dtype
+(:func:`_prepare`): inside a loop body XLA:CPU does not re-layout a loop-invariant OIHW kernel and falls
+back to a naive convolution loop (measured 30x slower decode). Conv3d runs as per-frame Conv2d with the
+time taps stacked on channels (XLA:CPU's Conv3d is ~4x slower).
 The encoder and the decoder are a *plan* — a tuple of :class:`Op` derived from the config exactly as
 ``wan_runtime.format.vae_tree`` derives the param tree — walked by a small interpreter (:func:`_walk`).
 
 Time is causal and chunked as in diffusers: chunk 0 (one frame) runs alone with ``first`` semantics,
-then a ``lax.scan`` runs every later chunk (one latent frame when decoding, four video frames when
-encoding) carrying the feature cache: a flat tuple, in walk order, of the last ``kt - 1`` input frames
-of every causal conv (zeros before the video starts, which is the causal zero padding), and the last
-frame of every temporal downsampler. Shapes inside the scan are static.
+then a ``lax.scan`` runs the later frames, ``chunk`` units per step (a unit is one latent frame when
+decoding, four video frames when encoding; diffusers' is chunk=1), carrying the feature cache: a flat
+tuple, in walk order, of the last ``kt - 1`` input frames of every causal conv (zeros before the video
+starts, which is the causal zero padding), and the last frame of every temporal downsampler, plus the
+output buffer each step writes into. Shapes inside the scan are static; working memory does not grow
+with the number of frames.
 """
 from __future__ import annotations
 
@@ -138,21 +144,45 @@ def _prec(dt):
     return lax.Precision.HIGHEST if dt == F32 else None
 
 
-def _conv(x, p, dt, stride=None, pad=None):
-    """Conv2d on (N, H, W, C) or Conv3d on (B, T, H, W, C) with a torch (O, I, *k) kernel."""
-    w = p["weight"]
-    nd = w.ndim - 2
-    dn = ("NDHWC", "OIDHW", "NDHWC") if nd == 3 else ("NHWC", "OIHW", "NHWC")
-    pad = [(q, q) if isinstance(q, int) else q for q in (pad or (0,) * nd)]
-    y = lax.conv_general_dilated(x, w.astype(dt), stride or (1,) * nd, pad, dimension_numbers=dn,
-                                 precision=_prec(dt))
-    return y + p["bias"].astype(dt)
+def _prepare(params, dt):
+    """Kernels in compute layout and dtype: 1x1(x1) (O, I, 1..) -> (I, O); Conv2d (O, I, kh, kw) -> HWIO
+    (kh, kw, I, O); Conv3d (O, I, kt, kh, kw) -> (kh, kw, kt*I, O), time taps folded into the input
+    channels (index k*I + i). Biases and gammas unchanged."""
+    def leaf(path, a):
+        if path[-1].key != "weight" or a.ndim < 4:
+            return a
+        if all(k == 1 for k in a.shape[2:]):
+            return a.reshape(a.shape[:2]).T.astype(dt)
+        if a.ndim == 4:
+            return jnp.transpose(a, (2, 3, 1, 0)).astype(dt)
+        O, I, kt, kh, kw = a.shape
+        return jnp.transpose(a, (3, 4, 2, 1, 0)).reshape(kh, kw, kt * I, O).astype(dt)
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def _conv2d(x, w, dt, stride=(1, 1), pad=(1, 1)):
+    """Conv2d on (N, H, W, C) with an HWIO kernel, no bias; float32 accumulation and output."""
+    pad = [(q, q) if isinstance(q, int) else q for q in pad]
+    return lax.conv_general_dilated(x, w, stride, pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=_prec(dt), preferred_element_type=F32)
+
+
+def _conv3d(x, p, dt, stride_t=1):
+    """Conv3d on (B, T, H, W, C), no time padding, 'same' spatial padding, as one per-frame Conv2d over the
+    kt time taps stacked on channels: y[t] = conv2d(cat_k x[st*t + k], w) + b (XLA:CPU runs Conv2d several
+    times faster than Conv3d)."""
+    w = p["weight"]  # (kh, kw, kt*I, O)
+    kh, kw = w.shape[:2]
+    kt = w.shape[2] // x.shape[-1]
+    n = (x.shape[1] - kt) // stride_t + 1  # output frames
+    x = jnp.concatenate([x[:, k:k + stride_t * (n - 1) + 1:stride_t] for k in range(kt)], axis=-1)
+    y = _per_frame(lambda f: _conv2d(f, w, dt, pad=(kh // 2, kw // 2)), x)
+    return (y + p["bias"].astype(F32)).astype(dt)
 
 
 def _pointwise(x, p, dt):
-    """1x1(x1) conv: '...i,oi->...o'."""
-    w = p["weight"].reshape(p["weight"].shape[:2]).astype(dt)
-    return jnp.einsum("...i,oi->...o", x, w, precision=_prec(dt)) + p["bias"].astype(dt)
+    """1x1(x1) conv with an (I, O) kernel: '...i,io->...o'."""
+    return jnp.einsum("...i,io->...o", x, p["weight"], precision=_prec(dt)) + p["bias"].astype(dt)
 
 
 def _per_frame(fn, x):
@@ -186,13 +216,13 @@ class _Cache:
 
 def _causal_conv(x, p, cache, dt):
     """WanCausalConv3d with the cache: cat(last kt-1 input frames, x), no temporal padding."""
-    kt, kh, kw = p["weight"].shape[2:]
+    kt = p["weight"].shape[2] // x.shape[-1]  # (kh, kw, kt*I, O)
     prev = cache.take()
     if prev is None:  # before the video: the causal zero padding
         prev = jnp.zeros((x.shape[0], kt - 1, *x.shape[2:]), x.dtype)
     x = jnp.concatenate([prev, x], axis=1)
     cache.put(x[:, x.shape[1] - (kt - 1):])
-    return _conv(x, p, dt, pad=(0, kh // 2, kw // 2))
+    return _conv3d(x, p, dt)
 
 
 def _resblock(x, p, cache, dt):
@@ -215,12 +245,13 @@ def _attention(x, p, dt):
 
 def _downsample(x, p, mode, cache, first, dt):
     """ZeroPad2d((0,1,0,1)) + Conv2d stride 2 per frame; 3d: then time_conv stride 2 over cat(last frame, x)."""
-    x = _per_frame(lambda f: _conv(f, p["resample"]["1"], dt, stride=(2, 2), pad=((0, 1), (0, 1))), x)
+    r = p["resample"]["1"]
+    x = _per_frame(lambda f: (_conv2d(f, r["weight"], dt, (2, 2), ((0, 1), (0, 1))) + r["bias"]).astype(dt), x)
     if mode == "3d":
         prev = cache.take()
         cache.put(x[:, -1:])
         if not first:  # the first chunk only fills the cache
-            x = _conv(jnp.concatenate([prev, x], axis=1), p["time_conv"], dt, stride=(2, 1, 1))
+            x = _conv3d(jnp.concatenate([prev, x], axis=1), p["time_conv"], dt, stride_t=2)
     return x
 
 
@@ -236,7 +267,8 @@ def _upsample(x, p, mode, cache, first, dt):
             B, T, H, W, C2 = x.shape
             x = x.reshape(B, T, H, W, 2, C2 // 2).transpose(0, 1, 4, 2, 3, 5).reshape(B, 2 * T, H, W, C2 // 2)
     x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
-    return _per_frame(lambda f: _conv(f, p["resample"]["1"], dt, pad=(1, 1)), x)
+    r = p["resample"]["1"]
+    return _per_frame(lambda f: (_conv2d(f, r["weight"], dt) + r["bias"]).astype(dt), x)
 
 
 def _avg_down(x, cout, ft, fs):
@@ -290,24 +322,70 @@ def _walk(ops, params, x, cache, first, dt):
     return x
 
 
-def _chunked(ops, params, x, chunk, dt):
-    """Chunk 0 = frame 0 alone (first), then a scan over the next (T-1)//chunk chunks of ``chunk`` frames."""
-    B, T = x.shape[:2]
-    c0 = _Cache()
-    out = _walk(ops, params, x[:, :1], c0, True, dt)
-    n = (T - 1) // chunk  # trailing frames that do not fill a chunk are dropped, as in diffusers
-    if n == 0:
-        return out
-    xs = jnp.moveaxis(x[:, 1:1 + n * chunk].reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+def _read(src, s, w, end, ragged):
+    """Frames [s, s + w) of ``src`` (time on axis 2); frames at or past ``end`` read as zeros (padding).
+    Ragged case: the window start is clamped to ``end - w`` (static shapes), then rolled back into place."""
+    if not ragged:
+        return lax.dynamic_slice_in_dim(src, s, w, axis=2)
+    a = jnp.minimum(s, end - w)
+    d = s - a  # frames of the wanted window past the end
+    x = jnp.roll(lax.dynamic_slice_in_dim(src, a, w, axis=2), -d, axis=2)
+    j = lax.broadcasted_iota(jnp.int32, (1, 1, w) + (1,) * (src.ndim - 3), 2)
+    return jnp.where(j < w - d, x, jnp.zeros((), x.dtype))
 
-    def step(carry, xc):
-        c = _Cache(carry)
-        y = _walk(ops, params, xc, c, False, dt)
+
+def _write(buf, y, s, ragged):
+    """``buf[:, :, s:s + w] = y`` (time on axis 2), dropping the frames of ``y`` that fall past the end of ``buf``."""
+    if not ragged:
+        return lax.dynamic_update_slice_in_dim(buf, y, s, axis=2)
+    w = y.shape[2]
+    a = jnp.minimum(s, buf.shape[2] - w)
+    d = s - a  # frames of y past the end: keep what buf holds in [a, s)
+    j = lax.broadcasted_iota(jnp.int32, (1, 1, w) + (1,) * (y.ndim - 3), 2)
+    y = jnp.where(j >= d, jnp.roll(y, d, axis=2), lax.dynamic_slice_in_dim(buf, a, w, axis=2))
+    return lax.dynamic_update_slice_in_dim(buf, y, a, axis=2)
+
+
+def _chunked(ops, params, src, pre, post, unit, chunk, dt):
+    """Run a plan causally over ``src`` (B, C, T, ...), time on axis 2.
+
+    Frame 0 alone (``first``), then a scan over the n = (T - 1) // unit later units of ``unit`` frames,
+    ``chunk`` units per step (trailing frames that do not fill a unit are dropped, as in diffusers). If n is
+    not a multiple of ``chunk`` the last step is zero-padded past the end and its extra outputs are dropped:
+    every op is causal in time (causal convs, per-frame maps, time convs and up/downsampling that only look
+    back), so the real frames do not see the padding. ``pre`` maps raw frames to the channels-last compute
+    input, ``post`` maps the walk output to the float32 result layout (B, C', t', ...). Each step reads its
+    window from ``src`` and writes its output in place into one buffer carried by the scan, so the working
+    memory does not grow with T.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    c0 = _Cache()
+    y0 = post(_walk(ops, params, pre(src[:, :, :1]), c0, True, dt))
+    n = (src.shape[2] - 1) // unit
+    if n == 0:
+        return y0
+    chunk = min(chunk, n)
+    w, steps, ragged = chunk * unit, -(-n // chunk), n % chunk != 0
+
+    def body(cache, x):
+        c = _Cache(cache)
+        y = post(_walk(ops, params, pre(x), c, False, dt))
         return tuple(c.new), y
 
-    _, ys = lax.scan(step, tuple(c0.new), xs)  # (n, B, t, H, W, C)
-    ys = jnp.moveaxis(ys, 0, 1).reshape(B, -1, *ys.shape[3:])
-    return jnp.concatenate([out, ys], axis=1)
+    window = jax.ShapeDtypeStruct((*src.shape[:2], w, *src.shape[3:]), src.dtype)
+    k = jax.eval_shape(body, tuple(c0.new), window)[1].shape[2] // chunk  # output frames per unit
+    t0 = y0.shape[2]
+    buf = jnp.zeros((*y0.shape[:2], t0 + n * k, *y0.shape[3:]), F32)
+    buf = lax.dynamic_update_slice_in_dim(buf, y0, 0, axis=2)
+
+    def step(carry, i):
+        cache, buf = carry
+        cache, y = body(cache, _read(src, 1 + i * w, w, 1 + n * unit, ragged))
+        return (cache, _write(buf, y, t0 + i * chunk * k, ragged)), None
+
+    (_, buf), _ = lax.scan(step, (tuple(c0.new), buf), jnp.arange(steps))
+    return buf
 
 
 def _patchify(x, p):  # (B,T,H,W,C) -> (B,T,H/p,W/p,C*p*p), channel = c*p*p + pw*p + ph
@@ -325,25 +403,45 @@ def _unpatchify(x, p):  # inverse of _patchify
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def decode(params: Params, cfg: VAEConfig, z: jax.Array, *, dtype=jnp.float32) -> jax.Array:
-    """Raw (un-normalised) latents (B, z_dim, F', H', W') -> video (B, C, 1 + 4(F'-1), H, W) in [-1, 1], float32."""
+def _channels_last(x, dt):  # (B, C, T, H, W) -> (B, T, H, W, C) in dt
+    return jnp.moveaxis(x, 1, -1).astype(dt)
+
+
+def _channels_first(y):  # (B, T, H, W, C) -> (B, C, T, H, W) float32
+    return jnp.moveaxis(y, -1, 1).astype(F32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk"))
+def decode(params: Params, cfg: VAEConfig, z: jax.Array, *, dtype=jnp.float32, chunk: int = 1) -> jax.Array:
+    """Raw (un-normalised) latents (B, z_dim, F', H', W') -> video (B, C, 1 + 4(F'-1), H, W) in [-1, 1], float32.
+    ``chunk``: latent frames per scan step after frame 0 (same result; more frames per step = larger convs,
+    more working memory)."""
     dt = jnp.dtype(dtype)
-    x = _pointwise(jnp.moveaxis(z, 1, -1).astype(dt), params["post_quant_conv"], dt)  # (B, F', H', W', z)
-    y = _chunked(decoder_plan(cfg), params, x, 1, dt)
-    if cfg.patch_size:
-        y = _unpatchify(y, cfg.patch_size)
-    return jnp.moveaxis(jnp.clip(y, -1.0, 1.0), -1, 1).astype(F32)
+    p, params = cfg.patch_size, _prepare(params, dt)
+
+    def pre(zc):  # post_quant_conv: (B, z, t, H', W') -> (B, t, H', W', z)
+        return _pointwise(_channels_last(zc, dt), params["post_quant_conv"], dt)
+
+    def post(y):
+        return _channels_first(jnp.clip(_unpatchify(y, p) if p else y, -1.0, 1.0))
+
+    return _chunked(decoder_plan(cfg), params, z, pre, post, 1, chunk, dt)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def encode(params: Params, cfg: VAEConfig, video: jax.Array, *, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk"))
+def encode(params: Params, cfg: VAEConfig, video: jax.Array, *, dtype=jnp.float32,
+           chunk: int = 1) -> tuple[jax.Array, jax.Array]:
     """Video (B, C, F, H, W) in [-1, 1] -> (mean, logvar), each (B, z_dim, 1 + (F-1)//4, H/s, W/s), float32;
-    logvar clamped to [-30, 20] (DiagonalGaussianDistribution)."""
+    logvar clamped to [-30, 20] (DiagonalGaussianDistribution). ``chunk``: 4-frame groups per scan step."""
     dt = jnp.dtype(dtype)
-    x = jnp.moveaxis(video, 1, -1).astype(dt)
-    if cfg.patch_size:
-        x = _patchify(x, cfg.patch_size)
-    h = _pointwise(_chunked(encoder_plan(cfg), params, x, 4, dt), params["quant_conv"], dt).astype(F32)
-    mean, logvar = jnp.split(jnp.moveaxis(h, -1, 1), 2, axis=1)
+    p, params = cfg.patch_size, _prepare(params, dt)
+
+    def pre(xc):
+        x = _channels_last(xc, dt)
+        return _patchify(x, p) if p else x
+
+    def post(h):  # quant_conv
+        return _channels_first(_pointwise(h, params["quant_conv"], dt))
+
+    mean, logvar = jnp.split(_chunked(encoder_plan(cfg), params, video, pre, post, 4, chunk, dt), 2, axis=1)
     return mean, jnp.clip(logvar, -30.0, 20.0)
