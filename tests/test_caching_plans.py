@@ -158,8 +158,11 @@ def test_step_plan_and_config():
     assert caching.step_plan(caching.CacheConfig(), 40) is None
     with pytest.raises(ValueError, match="--cache-model"):
         caching.step_plan(caching.CacheConfig("magcache", model="nope"), 40, calibration=CAL)
-    with pytest.raises(ValueError, match="--cache:"):
-        caching.step_plan(caching.CacheConfig("teacache"), 40)
+    # data-dependent policies: the host plan only forces full steps (column 0), incl. the expert switch
+    forced = caching.step_plan(caching.CacheConfig("teacache", model="ret_steps_14B"), 40, boundary_index=30)
+    assert forced[:5, 0].all() and forced[30, 0] and not forced[5:30, 0].any() and not forced[:, 1:].any()
+    fb = caching.step_plan(caching.CacheConfig("firstblock"), 40)
+    assert fb[0, 0] and not fb[1:, 0].any()
     for bad, flag in [({"cache": "fast"}, "--cache:"), ({"cache_thresh": -0.1}, "--cache-thresh: must be >= 0"),
                       ({"cache_k": 1.5}, "--cache-k"), ({"cache_retention": 1.2}, "--cache-retention"),
                       ({"cfg_cache_interval": 0}, "--cfg-cache-interval"),
