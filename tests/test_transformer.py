@@ -36,11 +36,7 @@ def model(cin, cout, image_dim=None, weights_dtype="float32"):
     """(torch model, runtime params, runtime config), 1-D params and scale_shift_tables perturbed."""
     torch.manual_seed(cin)
     m = _tiny().build_transformer(cin, cout, image_dim=image_dim)
-    gen = torch.Generator().manual_seed(cin + 1)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.ndim <= 1 or "scale_shift_table" in name:
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    _tiny().perturb(m, torch.Generator().manual_seed(cin + 1))
     cfg = dict(m.config)
     sd = {k: v.detach().numpy() for k, v in m.state_dict().items()}
     params = jax.tree.map(jnp.asarray, tree_from_state_dict("transformer", sd, cfg, weights_dtype))

@@ -37,11 +37,9 @@ def rel(a, b):
 
 def convert(model):
     """Perturb 1-D params and gammas (as build_pipeline does), then convert to the runtime tree."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim <= 1 or "gamma" in name:
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    import make_tiny_checkpoint
+
+    make_tiny_checkpoint.perturb(model, torch.Generator().manual_seed(1))
     cfg = dict(model.config)
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     return model, tree_from_state_dict("vae", sd, cfg, "float32"), V.VAEConfig.from_config(cfg)

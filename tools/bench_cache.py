@@ -59,15 +59,10 @@ def main(argv=None) -> int:
 
     import calibrate_magcache
     import make_tiny_checkpoint as mtc
-    from wan_convert.convert import convert
     from wan_runtime import caching
     from wan_runtime.pipeline import WanPipeline
 
-    src, ck = args.workdir / f"src-{args.size}", args.workdir / f"ck-{args.size}"
-    if not (src / "model_index.json").exists():
-        mtc.write("wan2.1-t2v", src, size=args.size)
-    if not (ck / "manifest.json").exists():
-        convert(str(src), ck, force=True)
+    ck = mtc.converted(args.workdir, args.size)
     pipe = WanPipeline.from_converted(ck)
     kw = dict(negative_prompt="blurry, static", height=args.height, width=args.width, num_frames=args.frames,
               guidance_scale=5.0, seed=0, output_type="uint8")

@@ -48,14 +48,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import make_tiny_checkpoint as mtc
-    from wan_convert.convert import convert
 
-    src = args.workdir / f"src-{args.size}"
-    if not (src / "model_index.json").exists():
-        mtc.write("wan2.1-t2v", src, size=args.size)
-    ck = args.workdir / f"ck-{args.size}"
-    if not (ck / "manifest.json").exists():
-        convert(str(src), ck, force=True)
+    ck = mtc.converted(args.workdir, args.size)
     machine = f"{os.cpu_count()} cores"
     rows = []
 

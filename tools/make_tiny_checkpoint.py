@@ -124,6 +124,29 @@ def build_clip():
     return enc, CLIPImageProcessor(crop_size=32, size=32)
 
 
+def perturb(module, generator) -> None:
+    """Give every weight a non-trivial value: some diffusers inits are zeros/ones (norm scales, gammas,
+    scale_shift_table, biases), which would make parity tests blind to those parameters."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim <= 1 or "scale_shift_table" in name or "gamma" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+
+
+def converted(workdir: pathlib.Path, size: str = "small", family: str = "wan2.1-t2v") -> pathlib.Path:
+    """A random diffusers repo of this size, written once under workdir and converted (bf16): for benchmarks."""
+    from wan_convert.convert import convert
+
+    src, ck = workdir / f"src-{size}", workdir / f"ck-{size}"
+    if not (src / "model_index.json").exists():
+        write(family, src, size=size)
+    if not (ck / "manifest.json").exists():
+        convert(str(src), ck, force=True)
+    return ck
+
+
 def build_pipeline(family: str, seed: int = 0):
     import torch
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
@@ -153,17 +176,10 @@ def build_pipeline(family: str, seed: int = 0):
     if family == "wan2.1-i2v":
         kwargs["image_encoder"], kwargs["image_processor"] = build_clip()
     cls = WanImageToVideoPipeline if i2v else WanPipeline
-    # Give every weight a non-trivial value: some diffusers inits are zeros/ones (norm scales,
-    # scale_shift_table, biases), which would make parity tests blind to those parameters.
     gen = torch.Generator().manual_seed(seed + 1)
     for name in ("transformer", "transformer_2", "vae", "text_encoder", "image_encoder"):
-        module = kwargs.get(name)
-        if module is None:
-            continue
-        with torch.no_grad():
-            for pname, p in module.named_parameters():
-                if p.ndim <= 1 or "scale_shift_table" in pname or "gamma" in pname:
-                    p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        if kwargs.get(name) is not None:
+            perturb(kwargs[name], gen)
     return cls(**kwargs)
 
 
