@@ -439,8 +439,10 @@ class WanPipeline:
             ccfg = clip.CLIPVisionConfig.from_config(self.ckpt.config("image_encoder"))
             proc = json.loads((self.ckpt.root / "image_processor" / "preprocessor_config.json").read_text())
             pixels = jnp.asarray(image_lib.clip_preprocess(img, proc))
-            image_emb = jax.jit(clip.encode_image, static_argnames=("cfg", "dtype"))(
-                self.params["image_encoder"], ccfg, pixels, dtype=jnp.dtype(self.dtypes.transformer))
+            cdt = jnp.dtype(self.dtypes.transformer)
+            clip_fn = self._compile(("clip", pixels.shape, cdt.name), lambda p, x: clip.encode_image(p, ccfg, x, dtype=cdt),
+                                    self.params["image_encoder"], pixels)
+            image_emb = clip_fn(self.params["image_encoder"], pixels)
         return mode, cond, mask, image_emb
 
     def _compile(self, key, fn, *args):
