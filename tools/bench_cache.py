@@ -12,8 +12,9 @@ all of the step's time. PSNR and SSIM (uint8 frames, peak 255) are against the d
 from __future__ import annotations
 
 import argparse
-import pathlib
+import json
 import statistics
+import pathlib
 import sys
 import tempfile
 
@@ -46,6 +47,60 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(vals))
 
 
+def measure(workdir: pathlib.Path, size: str = "small", steps: int = 20, height: int = 128, width: int = 128,
+            frames: int = 9, repeat: int = 3) -> list[dict]:
+    """One row per policy: forwards run, median denoise seconds, speed-up, bound, PSNR, SSIM."""
+    import calibrate_magcache
+    import make_tiny_checkpoint as mtc
+    from wan_runtime import caching
+    from wan_runtime.pipeline import WanPipeline
+
+    pipe = WanPipeline.from_converted(mtc.converted(workdir, size))
+    kw = dict(negative_prompt="blurry, static", height=height, width=width, num_frames=frames,
+              guidance_scale=5.0, seed=0, output_type="uint8")
+    prompt = "a red fox runs through fresh snow"
+    ratios = calibrate_magcache.calibrate(pipe, "a cat walks on the grass", steps, **{**kw, "output_type": "np"})
+    calibration = {"models": {"bench": {"steps": steps, "mag_ratios": ratios,
+                                        "recommended": {"thresh": 0.1, "K": 2, "retention": 0.2}}}}
+    mag = lambda **k: caching.CacheConfig(policy="magcache", model="bench", retention=0.2, **k)  # noqa: E731
+    policies = {
+        "dense": None,
+        "magcache thresh 0 (all run)": mag(thresh=0.0, K=2),  # the caching machinery, nothing skipped
+        "magcache thresh 0.06 K 2": mag(thresh=0.06, K=2),
+        "magcache thresh 0.12 K 3": mag(thresh=0.12, K=3),
+        "cfg cache interval 2": caching.CacheConfig(policy="cfg", cfg_interval=2),
+        # TeaCache's published coefficients are for the real 1.3B; on random weights they only set a pace
+        "teacache thresh 0.3": caching.CacheConfig(policy="teacache", model="ret_steps_1.3B", teacache_thresh=0.3),
+        "firstblock thresh 0.1": caching.CacheConfig(policy="firstblock", firstblock_thresh=0.1),
+    }
+    calls = {}
+    for name, cfg in policies.items():
+        dynamic = cfg is not None and cfg.policy in ("teacache", "firstblock")
+        plan = None if cfg is None or dynamic else caching.step_plan(cfg, steps, calibration=calibration)
+        calls[name] = dict(cache=cfg) if dynamic else dict(step_plan=plan)
+        pipe(prompt, num_inference_steps=steps, **calls[name], **kw)  # compile + warm
+    # interleaved rounds, median of each: these machines drift (+-10% run to run), and a slow minute must
+    # not land on one policy
+    times, runs = {name: [] for name in policies}, {}
+    for _ in range(repeat):
+        for name, cfg in policies.items():
+            out = pipe(prompt, num_inference_steps=steps, **calls[name], **kw)
+            times[name].append(pipe.timings.denoise)
+            forwards = 2 * steps if pipe.last_block_runs is None else int(pipe.last_block_runs.sum())
+            if cfg is not None and cfg.policy == "firstblock":  # block 0 always runs: count in block units
+                n_layers = pipe.tcfgs[0].num_layers
+                forwards = (2 * steps + forwards * (n_layers - 1)) / n_layers
+            runs[name] = (forwards, out)
+    base_t, (base_f, base_out) = statistics.median(times["dense"]), runs["dense"]
+    rows = []
+    for name, (f, out) in runs.items():
+        t = statistics.median(times[name])
+        rows.append(dict(policy=name, forwards=f, dense_forwards=base_f, denoise_s=t, speedup=base_t / t,
+                         bound=base_f / f, of_bound=(base_t / t) / (base_f / f), psnr=psnr(out, base_out),
+                         ssim=ssim(out, base_out), times=times[name]))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="small")
@@ -53,55 +108,20 @@ def main(argv=None) -> int:
     ap.add_argument("--height", type=int, default=128)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--frames", type=int, default=9)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", type=pathlib.Path, help="also write the rows here")
     ap.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "wan-bench-runtime")
     args = ap.parse_args(argv)
-
-    import calibrate_magcache
-    import make_tiny_checkpoint as mtc
-    from wan_runtime import caching
-    from wan_runtime.pipeline import WanPipeline
-
-    ck = mtc.converted(args.workdir, args.size)
-    pipe = WanPipeline.from_converted(ck)
-    kw = dict(negative_prompt="blurry, static", height=args.height, width=args.width, num_frames=args.frames,
-              guidance_scale=5.0, seed=0, output_type="uint8")
-    prompt = "a red fox runs through fresh snow"
-    ratios = calibrate_magcache.calibrate(pipe, "a cat walks on the grass", args.steps, **{**kw, "output_type": "np"})
-    calibration = {"models": {"bench": {"steps": args.steps, "mag_ratios": ratios,
-                                        "recommended": {"thresh": 0.1, "K": 2, "retention": 0.2}}}}
-    policies = {
-        "dense": None,
-        "magcache thresh 0.06 K 2": caching.CacheConfig(policy="magcache", model="bench", thresh=0.06, K=2, retention=0.2),
-        "magcache thresh 0.12 K 3": caching.CacheConfig(policy="magcache", model="bench", thresh=0.12, K=3, retention=0.2),
-        "cfg cache interval 2": caching.CacheConfig(policy="cfg", cfg_interval=2),
-        # TeaCache's published coefficients are for the real 1.3B; on random weights they only set a pace
-        "teacache thresh 0.3": caching.CacheConfig(policy="teacache", model="ret_steps_1.3B", teacache_thresh=0.3),
-        "firstblock thresh 0.1": caching.CacheConfig(policy="firstblock", firstblock_thresh=0.1),
-    }
-    results = {}
-    for name, cfg in policies.items():
-        dynamic = cfg is not None and cfg.policy in ("teacache", "firstblock")
-        plan = None if cfg is None or dynamic else caching.step_plan(cfg, args.steps, calibration=calibration)
-        call = dict(cache=cfg) if dynamic else dict(step_plan=plan)
-        pipe(prompt, num_inference_steps=args.steps, **call, **kw)  # compile + warm
-        times, out = [], None
-        for _ in range(args.repeat):
-            out = pipe(prompt, num_inference_steps=args.steps, **call, **kw)
-            times.append(pipe.timings.denoise)
-        forwards = 2 * args.steps if pipe.last_block_runs is None else int(pipe.last_block_runs.sum())
-        if cfg is not None and cfg.policy == "firstblock":  # block 0 always runs: count in block units
-            n_layers = pipe.tcfgs[0].num_layers
-            forwards = (2 * args.steps + forwards * (n_layers - 1)) / n_layers
-        results[name] = (statistics.median(times), forwards, out)
-    base_t, base_f, base_out = results["dense"]
-    print(f"\nstep caching, {args.size} model, {args.height}x{args.width}x{args.frames}, {args.steps} steps, CFG 5")
-    print(f"{'policy':<26} {'forwards':>9} {'denoise s':>10} {'speed-up':>9} {'bound':>6} {'of bound':>9} "
+    rows = measure(args.workdir, args.size, args.steps, args.height, args.width, args.frames, args.repeat)
+    print(f"\nstep caching, {args.size} model, {args.height}x{args.width}x{args.frames}, {args.steps} steps, CFG 5, "
+          f"median of {args.repeat} interleaved rounds")
+    print(f"{'policy':<28} {'forwards':>9} {'denoise s':>10} {'speed-up':>9} {'bound':>6} {'of bound':>9} "
           f"{'PSNR dB':>8} {'SSIM':>6}")
-    for name, (t, f, out) in results.items():
-        speed, bound = base_t / t, base_f / f
-        print(f"{name:<26} {f:>5.4g}/{base_f:<3} {t:>10.3f} {speed:>9.2f} {bound:>6.2f} {speed / bound:>9.2f} "
-              f"{psnr(out, base_out):>8.2f} {ssim(out, base_out):>6.3f}")
+    for r in rows:
+        print(f"{r['policy']:<28} {r['forwards']:>5.4g}/{r['dense_forwards']:<3} {r['denoise_s']:>10.3f} "
+              f"{r['speedup']:>9.2f} {r['bound']:>6.2f} {r['of_bound']:>9.2f} {r['psnr']:>8.2f} {r['ssim']:>6.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
     return 0
 
 
