@@ -57,6 +57,13 @@ def _fail(debug: bool, e: BaseException):
 @click.option("--compile-cache", default=None, help="persistent compilation cache folder, or 'off' "
               "(default ~/.cache/wan-jax/xla or $WAN_JAX_COMPILATION_CACHE)")
 @click.option("--mesh", default=None, help="e.g. data=1,fsdp=2,context=4 (default: one device)")
+@click.option("--context-attention", type=click.Choice(["auto", "allgather", "ulysses", "ring"]), default="auto",
+              show_default=True, help="self-attention across the sequence shards (fsdp x context): auto = "
+              "ulysses when the heads split evenly, else ring")
+@click.option("--coordinator", envvar="WAN_JAX_COORDINATOR", default=None,
+              help="multi-process run: host:port of process 0 (or 'auto': TPU pod / SLURM / MPI detection)")
+@click.option("--num-processes", envvar="WAN_JAX_NUM_PROCESSES", type=int, default=None)
+@click.option("--process-id", envvar="WAN_JAX_PROCESS_ID", type=int, default=None)
 @click.option("--fps", type=int, default=None)
 @click.option("--cache", "cache_policy", type=click.Choice(["none", "magcache", "cfg", "teacache", "firstblock"]),
               default=None, help="step caching policy (default: the preset's, else none)")
@@ -77,7 +84,8 @@ def _fail(debug: bool, e: BaseException):
 @click.version_option(__version__, prog_name="wan-run")
 def main(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
          scheduler, seed, dtype, transformer_dtype, text_encoder_dtype, vae_dtype, weights_dtype,
-         vae_weights_dtype, scheduler_dtype, vae_chunk, kv_cache, executable_cache, compile_cache, mesh, fps, cache_policy,
+         vae_weights_dtype, scheduler_dtype, vae_chunk, kv_cache, executable_cache, compile_cache, mesh,
+         context_attention, coordinator, num_processes, process_id, fps, cache_policy,
          teacache_thresh, firstblock_thresh, cache_thresh, cache_k, cache_retention, cache_model, cache_calibration, cfg_cache_interval, cfg_cache_start, image, latents, output, quiet, debug):
     """Generate a video from a converted Wan checkpoint."""
     try:
@@ -94,16 +102,19 @@ def main(checkpoint, preset, prompt, negative_prompt, height, width, frames, ste
 def _is_user_error(e: BaseException) -> bool:
     from .checkpoint import CheckpointError
     from .format import FormatError
+    from .distributed import DistributedError
     from .pipeline import InputError
     from .presets import PresetError
     from .sharding import MeshError
 
-    return isinstance(e, (UsageError, CheckpointError, FormatError, InputError, PresetError, MeshError, OSError))
+    return isinstance(e, (UsageError, CheckpointError, FormatError, InputError, PresetError, MeshError, DistributedError,
+                          OSError))
 
 
 def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
         scheduler, seed, dtype, transformer_dtype, text_encoder_dtype, vae_dtype, weights_dtype, vae_weights_dtype,
-        scheduler_dtype, vae_chunk, kv_cache, executable_cache, compile_cache, mesh, fps, cache_policy, teacache_thresh, firstblock_thresh,
+        scheduler_dtype, vae_chunk, kv_cache, executable_cache, compile_cache, mesh, context_attention, coordinator,
+        num_processes, process_id, fps, cache_policy, teacache_thresh, firstblock_thresh,
         cache_thresh, cache_k,
         cache_retention, cache_model, cache_calibration, cfg_cache_interval, cfg_cache_start, image, latents, output,
         quiet, debug):
@@ -183,8 +194,11 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
     per = dict(transformer=transformer_dtype, text_encoder=text_encoder_dtype, vae=vae_dtype, weights=weights_dtype,
                vae_weights=vae_weights_dtype, scheduler=scheduler_dtype)
     dtypes = dataclasses.replace(dtypes, **{k: v for k, v in per.items() if v})
+    from . import distributed
+
+    distributed.initialize(coordinator, num_processes, process_id)  # before any other JAX call
     pipe = WanPipeline.from_converted(checkpoint, mesh=s.get("mesh"), dtype=dtypes, compilation_cache=compile_cache,
-                                      executable_cache=executable_cache or None)
+                                      executable_cache=executable_cache or None, context_attention=context_attention)
     pipe.kv_cache = kv_cache
     pipe.vae_chunk = vae_chunk
     if "boundary" in s:
@@ -210,6 +224,8 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
         click.echo(f"cache {cache_cfg.policy}: ran the blocks {int(pipe.last_block_runs.sum())} of {n} times")
     if pipe.last_truncated.any():
         click.echo(f"wan-run: warning: a prompt was longer than {s['max_sequence_length']} tokens and was truncated", err=True)
+    if not distributed.is_main():  # every process computed; process 0 writes
+        return
     t0 = time.perf_counter()
     if out.suffix == ".npy":
         write_npy(out, frames_out)

@@ -25,6 +25,7 @@ import numpy as np
 from . import checkpoint as ckpt_lib
 from .compile_cache import ExecutableCache
 from . import schedulers
+from . import distributed as dist
 from . import sharding as shd
 from .models import transformer as tr
 from .models import umt5
@@ -91,6 +92,7 @@ class _Static:
     n_image: int = 0  # CLIP tokens at the front of the context (Wan 2.1 I2V)
     caching: bool = False  # step caching: per-step plan + cached block residuals
     policy: str = "plan"  # "plan" (MagCache, CFG cache), "teacache_e0" / "teacache_e", "firstblock"
+    layout: Any = None  # sharding.Layout: activation shardings, context-parallel attention
 
 
 def _model_input(x, cond, mask, st: _Static):
@@ -123,7 +125,7 @@ def _model_eval(params, tcfg, kv, x, t, cond, mask, rope, grid, st: _Static, pla
         timestep = jnp.full((b,), t, jnp.float32)
     temb, temb_proj = tr.embed_time(params, st.tcfg, timestep, st.dtype)
     if not st.caching:
-        h = tr.run_blocks(params, tokens, temb_proj, rope, kv, st.tcfg, st.dtype)
+        h = tr.run_blocks(params, tokens, temb_proj, rope, kv, st.tcfg, st.dtype, layout=st.layout)
         return tr.unpatchify_head(params, st.tcfg, h, temb, grid), cache  # (b, C, F, H, W) float32
     if st.policy == "plan":
         h, cache = _blocks_with_cache(params, tokens, temb_proj, rope, kv, st, (plan[0], plan[1]), cache)
@@ -137,8 +139,8 @@ def _model_eval(params, tcfg, kv, x, t, cond, mask, rope, grid, st: _Static, pla
         cache = {**cache, "acc": jnp.where(compute, 0.0, acc), "prev_e": e}
         h, cache = _blocks_with_cache(params, tokens, temb_proj, rope, kv, st, _rows(compute), cache)
     else:  # firstblock: run block 0; skip the rest when its residual changed less than thresh
-        first = jax.tree.map(lambda a: a[0], params["blocks"])
-        h1 = tr.block(first, tokens, temb_proj, rope, jax.tree.map(lambda a: a[0], kv), st.tcfg, st.dtype)
+        h1 = tr.run_blocks({"blocks": jax.tree.map(lambda a: a[:1], params["blocks"])}, tokens, temb_proj, rope,
+                           jax.tree.map(lambda a: a[:1], kv), st.tcfg, st.dtype, layout=st.layout)
         r1 = (h1 - tokens).astype(jnp.float32)
         prev = cache["r1"]
         change = jnp.abs(r1 - prev).mean((1, 2)) / jnp.maximum(jnp.abs(prev).mean((1, 2)), 1e-30)
@@ -171,7 +173,8 @@ def _blocks_with_cache(params, tokens, temb_proj, rope, kv, st: _Static, flags, 
             if computed:  # contiguous rows: [0], [1] or [0, 1]
                 lo, hi = computed[0], computed[-1] + 1
                 kv_s = jax.tree.map(lambda a: a[:, lo:hi], kv)
-                out = tr.run_blocks(params, tokens[lo:hi], temb_proj[lo:hi], rope, kv_s, st.tcfg, st.dtype)
+                out = tr.run_blocks(params, tokens[lo:hi], temb_proj[lo:hi], rope, kv_s, st.tcfg, st.dtype,
+                                    layout=st.layout)
             parts = [out[computed.index(r):computed.index(r) + 1] if r in computed
                      else tokens[r:r + 1] + cache["r"][r:r + 1].astype(tokens.dtype) for r in range(rows)]
             return jnp.concatenate(parts), jnp.array([r in computed for r in range(rows)], jnp.int32)
@@ -262,9 +265,9 @@ def _encode_condition(vae_params, video, mean, inv_std, *, vcfg, dtype):
     return (z - mean) * inv_std
 
 
-def _decode(vae_params, latents, mean, inv_std, *, vcfg, dtype, as_uint8: bool, chunk: int = 1):
+def _decode(vae_params, latents, mean, inv_std, *, vcfg, dtype, as_uint8: bool, chunk: int = 1, layout=None):
     z = latents.astype(jnp.float32) / inv_std + mean  # diffusers: latents / (1 / std) + mean
-    video = vae_lib.decode(vae_params, vcfg, z, dtype=dtype, chunk=chunk)  # (B, 3, F, H, W) in [-1, 1]
+    video = vae_lib.decode(vae_params, vcfg, z, dtype=dtype, chunk=chunk, layout=layout)  # (B, 3, F, H, W) in [-1, 1]
     frames = jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 4, 1)  # (B, F, H, W, 3)
     if as_uint8:
         return jnp.round(frames * 255.0).astype(jnp.uint8)
@@ -348,11 +351,13 @@ class WanPipeline:
     """Generate video from a converted checkpoint. Argument names follow diffusers' WanPipeline."""
 
     def __init__(self, ckpt: ckpt_lib.Checkpoint, params: dict, mesh, dtypes: Dtypes, load_seconds: float = 0.0,
-                 executables: ExecutableCache | None = None):
+                 executables: ExecutableCache | None = None, context_attention: str = "auto"):
         self.ckpt = ckpt
         self.executables = executables or ExecutableCache(None)
         self.params = params
         self.mesh = mesh
+        #: activation shardings on the mesh; context_attention: "auto", "allgather", "ulysses" or "ring"
+        self.layout = shd.Layout(mesh if mesh is not None and mesh.devices.size > 1 else None, context_attention)
         self.dtypes = dtypes
         self.timings = Timings(load=load_seconds)
         self.experts = [c for c in ("transformer", "transformer_2") if c in params]
@@ -377,13 +382,15 @@ class WanPipeline:
     @classmethod
     def from_converted(cls, path, *, mesh: str | Mapping[str, int] | None = None, dtype: str | Dtypes = "bfloat16",
                        parallel_restore: bool = True, compilation_cache: str | None = None,
-                       executable_cache: bool | None = None) -> "WanPipeline":
-        """Restore a converted checkpoint (components in parallel threads) onto ``mesh``."""
+                       executable_cache: bool | None = None, context_attention: str = "auto") -> "WanPipeline":
+        """Restore a converted checkpoint (components in parallel threads) onto ``mesh`` (a process's
+        devices, or every process's after ``jax.distributed.initialize``: each process reads only the
+        shards of its own devices)."""
         t0 = time.perf_counter()
         cache_dir = enable_compilation_cache(compilation_cache)
         ck = ckpt_lib.open_checkpoint(path)
         mesh_shape = shd.parse_mesh(mesh)
-        jmesh = shd.make_mesh(mesh_shape, jax.devices()[: shd.mesh_size(mesh_shape)])
+        jmesh = shd.make_mesh(mesh_shape)
         params, _ = ckpt_lib.restore(ck, ck.components, jmesh, parallel=parallel_restore)
         dtypes = dtype if isinstance(dtype, Dtypes) else Dtypes.all(dtype) if dtype == "float32" else Dtypes()
         for c in params:
@@ -394,7 +401,7 @@ class WanPipeline:
         if executable_cache is None:
             executable_cache = os.environ.get("WAN_JAX_EXECUTABLE_CACHE", "0") == "1"
         exe = ExecutableCache(cache_dir / "executables" if cache_dir and executable_cache else None)
-        return cls(ck, params, jmesh, dtypes, time.perf_counter() - t0, exe)
+        return cls(ck, params, jmesh, dtypes, time.perf_counter() - t0, exe, context_attention)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -447,13 +454,20 @@ class WanPipeline:
 
     def _compile(self, key, fn, *args):
         """AOT-compile once per key (or load the executable a previous process compiled); the time is
-        booked as compile time, apart from run time."""
+        booked as compile time, apart from run time. Several processes: host inputs enter replicated."""
+        multi = dist.multi_process()
+        if multi:
+            args = self._global(args)
         if key not in self._compiled:
             t0 = time.perf_counter()
             context = repr((self.ucfg, self.tcfgs, self.vcfg, self.ckpt.manifest.get("dtype_policy")))
             self._compiled[key] = self.executables.get_or_compile(key, context, fn, *args)
             self.timings.compile += time.perf_counter() - t0
-        return self._compiled[key]
+        compiled = self._compiled[key]
+        return (lambda *a: compiled(*self._global(a))) if multi else compiled
+
+    def _global(self, tree):
+        return jax.tree.map(lambda x: dist.to_global(x, self.mesh), tree)
 
     def warmup(self, height: int, width: int, num_frames: int, *, image=None, output_type: str = "uint8",
                max_sequence_length: int = 512) -> float:
@@ -552,7 +566,7 @@ class WanPipeline:
         elif caching and cache is not None and cache.policy == "firstblock":
             policy = "firstblock"
         st = _Static(self.tcfgs[0], len(self.experts), do_cfg, jnp.dtype(dt.transformer), jnp.dtype(dt.scheduler), mode,
-                     self.kv_cache, n_image, caching, policy)
+                     self.kv_cache, n_image, caching, policy, self.layout)
         plan, cache_state = None, None
         if caching:
             plan = np.zeros((MAX_STEPS, 3), bool)
@@ -593,9 +607,9 @@ class WanPipeline:
             if progress is not None:
                 jax.block_until_ready(carry)
                 progress(start + count - 1)
-        self.last_block_runs = None if cache_state is None else np.asarray(carry[2]["ran"])  # per branch (cond, uncond)
+        self.last_block_runs = None if cache_state is None else dist.to_host(carry[2]["ran"])  # per branch (cond, uncond)
         #: per step and branch, mean ||r_t|| / ||r_(t-1)|| of the block residual (MagCache calibration)
-        self.last_mag_ratios = None if cache_state is None else np.asarray(carry[2]["ratios"])[:num_inference_steps]
+        self.last_mag_ratios = None if cache_state is None else dist.to_host(carry[2]["ratios"])[:num_inference_steps]
         fin = self._compile(("finish", st, shape), functools.partial(_finish, st=st), carry[0], cond, mask)
         out = fin(carry[0], cond, mask)
         jax.block_until_ready(out)
@@ -603,9 +617,10 @@ class WanPipeline:
         self.last_latents = out
         # ---- VAE decode, frames on device
         as_uint8 = output_type == "uint8"
-        dec = functools.partial(_decode, vcfg=self.vcfg, dtype=jnp.dtype(dt.vae), as_uint8=as_uint8, chunk=self.vae_chunk)
+        dec = functools.partial(_decode, vcfg=self.vcfg, dtype=jnp.dtype(dt.vae), as_uint8=as_uint8, chunk=self.vae_chunk,
+                                layout=self.layout)
         decode = self._compile(("decode", shape, dt.vae, as_uint8, self.vae_chunk), dec, self.params["vae"], out, mean, inv_std)
         t0 = time.perf_counter()
-        frames = np.asarray(decode(self.params["vae"], out, mean, inv_std))[0]
+        frames = dist.to_host(decode(self.params["vae"], out, mean, inv_std))[0]
         self.timings.decode = time.perf_counter() - t0
         return frames

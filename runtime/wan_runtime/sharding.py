@@ -22,6 +22,20 @@ DEFAULT_RULES: dict[str, str | None] = {
 }
 
 
+#: activation logical axis -> mesh axes. Video diffusion runs a batch of one or two (CFG) over tens
+#: of thousands of tokens, so data parallelism over the sequence is what scales: the token axis is
+#: split over ``fsdp`` (whose devices also split the weights) and ``context``, and self-attention
+#: gathers keys across them (models/context_parallel.py). Heads and the FFN hidden width follow the
+#: weights over ``tensor``; the batch (cond / uncond) goes over ``data``.
+ACTIVATION_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data",),
+    "seq": ("fsdp", "context"),
+    "act_embed": (),
+    "act_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+}
+
+
 class MeshError(ValueError):
     pass
 
@@ -127,3 +141,89 @@ def named_sharding(mesh, shape, axes, rules: Mapping[str, str | None] = DEFAULT_
 
     mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape))
     return NamedSharding(mesh, PartitionSpec(*partition_spec(shape, axes, mesh_shape, rules)))
+
+
+class Layout:
+    """Where activations live on a mesh: sharding constraints by logical axis names, the sequence axes
+    for context-parallel attention and the spatial axes of the VAE. Hashable (by mesh and settings), so
+    it can be a static argument of compiled stages. ``Layout(None)`` (one device) constrains nothing."""
+
+    def __init__(self, mesh, context_attention: str = "auto"):
+        self.mesh = mesh
+        self.context_attention = context_attention
+        self.shape = {} if mesh is None else dict(zip(mesh.axis_names, mesh.devices.shape))
+
+    def _key(self):
+        return (self.mesh, self.context_attention)
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, Layout) and self._key() == other._key()
+
+    def __repr__(self):
+        return f"Layout({format_mesh(self.shape) if self.shape else 'one device'}, {self.context_attention})"
+
+    @property
+    def active(self) -> bool:
+        return bool(self.shape) and mesh_size(self.shape) > 1
+
+    def axes(self, name: str) -> tuple[str, ...]:
+        """The mesh axes (of size > 1) an activation axis is split over."""
+        return tuple(a for a in ACTIVATION_RULES.get(name, ()) if self.shape.get(a, 1) > 1)
+
+    def count(self, name: str) -> int:
+        return math.prod(self.shape[a] for a in self.axes(name))
+
+    @property
+    def seq_axes(self) -> tuple[str, ...]:
+        return self.axes("seq")
+
+    @property
+    def seq_shards(self) -> int:
+        return self.count("seq")
+
+    def axis_if_divides(self, name: str, dim: int):
+        """PartitionSpec entry for one dimension: its mesh axes if they divide it, else None (replicated)."""
+        axes = self.axes(name)
+        if not axes or dim % self.count(name):
+            return None
+        return axes if len(axes) > 1 else axes[0]
+
+    def spec(self, shape, names):
+        from jax.sharding import PartitionSpec
+
+        return PartitionSpec(*(None if n is None else self.axis_if_divides(n, d) for d, n in zip(shape, names)))
+
+    def constrain(self, x, names):
+        """``with_sharding_constraint`` by logical names (None = replicated dim); a no-op on one device."""
+        if not self.active:
+            return x
+        import jax
+        from jax.sharding import NamedSharding
+
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(x.shape, names)))
+
+    def replicated(self):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def spatial(self, x, h_axis: int, w_axis: int):
+        """VAE activations split along width (else height) over every device; batch redundant."""
+        if not self.active:
+            return x
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        axes = tuple(a for a in MESH_AXES if self.shape.get(a, 1) > 1)
+        n = math.prod(self.shape[a] for a in axes)
+        spec = [None] * x.ndim
+        if x.shape[w_axis] % n == 0:
+            spec[w_axis] = axes
+        elif x.shape[h_axis] % n == 0:
+            spec[h_axis] = axes
+        else:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*spec)))

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import context_parallel
 from .attention import attention, preferred_multiple
 
 F32 = jnp.float32
@@ -234,11 +235,14 @@ def unpatchify_head(params, cfg: WanTransformerConfig, x, temb, grid):
 # ------------------------------------------------------------------------------------------
 # blocks
 # ------------------------------------------------------------------------------------------
-def block(p, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype, *, key_mask=None):
+def block(p, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype, *, key_mask=None, layout=None):
     """One WanTransformerBlock. p: one layer of params['blocks']; x (B, S, D) in dtype;
     temb_proj (B, 6, D) or (B, S, 6, D); rope (cos, sin); kv: one layer of ``cross_kv``;
-    key_mask: optional (B, S) bool, False = padding token, kept out of the self-attention keys."""
+    key_mask: optional (B, S) bool, False = padding token, kept out of the self-attention keys;
+    layout: a ``sharding.Layout`` whose sequence axes split S (context-parallel self-attention)."""
     H = cfg.num_heads
+    if layout is not None:
+        x = layout.constrain(x, ("batch", "seq", "act_embed"))
     tp = temb_proj[:, None] if temb_proj.ndim == 3 else temb_proj             # (B, S|1, 6, D)
     mod = p["scale_shift_table"].astype(F32) + tp.astype(F32)
     shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
@@ -252,7 +256,12 @@ def block(p, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype, *, key_ma
     q = apply_rope(split_heads(qnorm(linear(h, a["to_q"], dtype), a, "norm_q"), H), rope)
     k = apply_rope(split_heads(qnorm(linear(h, a["to_k"], dtype), a, "norm_k"), H), rope)
     v = split_heads(linear(h, a["to_v"], dtype), H)
-    o = attention(q, k, v, key_mask=key_mask).reshape(x.shape)
+    if layout is not None and layout.seq_shards > 1:
+        mode = context_parallel.choose_mode(layout.context_attention, H, layout.count("act_heads") if
+                                            H % layout.count("act_heads") == 0 else 1, layout.seq_shards)
+        o = context_parallel.self_attention(q, k, v, key_mask, layout, mode).reshape(x.shape)
+    else:
+        o = attention(q, k, v, key_mask=key_mask).reshape(x.shape)
     x = (x.astype(F32) + linear(o, a["to_out"], dtype) * gate).astype(dtype)
 
     # 2. cross-attention on the precomputed K/V (image branch added before to_out); no gate
@@ -274,16 +283,21 @@ def _pad_axis(a, n, axis):
     return jnp.pad(a, [(0, n if i == axis else 0) for i in range(a.ndim)])
 
 
-def run_blocks(params, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype, *, pad_to: int | None = None):
+def run_blocks(params, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype, *, pad_to: int | None = None,
+               layout=None):
     """All blocks: ``lax.scan`` over the stacked layer axis of params['blocks'] and of kv.
 
     pad_to: the S tokens (x, rope, per-token temb_proj) are zero-padded to a multiple of it for the
     attention kernel (None: ``preferred_multiple()`` of the backend, 1: no padding) and cut back
     after. Only self-attention mixes tokens and it masks the padded keys out, so the result does
-    not depend on pad_to (up to float reassociation).
+    not depend on pad_to (up to float reassociation). With a ``layout`` that splits the sequence over
+    n devices, the multiple is n times that (every shard gets whole kernel tiles).
     """
     S = x.shape[1]
-    pad = -S % (pad_to or preferred_multiple())
+    multiple = pad_to or preferred_multiple()
+    if layout is not None:
+        multiple *= layout.seq_shards
+    pad = -S % multiple
     key_mask = None
     if pad:
         x = _pad_axis(x, pad, 1)                                               # (B, S + pad, D)
@@ -291,17 +305,22 @@ def run_blocks(params, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype,
         if temb_proj.ndim == 4:
             temb_proj = _pad_axis(temb_proj, pad, 1)                           # (B, S + pad, 6, D)
         key_mask = jnp.broadcast_to(jnp.arange(S + pad) < S, x.shape[:2])      # (B, S + pad)
+    if layout is not None:
+        x = layout.constrain(x, ("batch", "seq", "act_embed"))
+        rope = tuple(layout.constrain(jnp.asarray(t), ("seq", None)) for t in rope)
+        if temb_proj.ndim == 4:
+            temb_proj = layout.constrain(temb_proj, ("batch", "seq", None, "act_embed"))
 
     def step(x, layer):
         p, kv_l = layer
-        return block(p, x, temb_proj, rope, kv_l, cfg, dtype, key_mask=key_mask), None
+        return block(p, x, temb_proj, rope, kv_l, cfg, dtype, key_mask=key_mask, layout=layout), None
 
     x, _ = jax.lax.scan(step, x, (params["blocks"], kv))
     return x[:, :S] if pad else x
 
 
 def forward(params, cfg: WanTransformerConfig, latents, timestep, text_emb, image_emb=None, *, dtype=F32,
-            pad_to: int | None = None):
+            pad_to: int | None = None, layout=None):
     """Predicted flow (B, Cout, F, H, W) float32 for latents (B, Cin, F, H, W), timestep (B,) or (B, S),
     text_emb (B, St, text_dim) and, for Wan 2.1 I2V, CLIP image tokens image_emb (B, Si, image_dim).
     pad_to: token padding multiple, see :func:`run_blocks`."""
@@ -316,5 +335,5 @@ def forward(params, cfg: WanTransformerConfig, latents, timestep, text_emb, imag
         img = embed_image(params, cfg, image_emb, dtype)
         context, n_image = jnp.concatenate([img, context], axis=1), img.shape[1]
     kv = cross_kv(params, cfg, context, dtype, n_image)
-    x = run_blocks(params, x, temb_proj, rope, kv, cfg, dtype, pad_to=pad_to)
+    x = run_blocks(params, x, temb_proj, rope, kv, cfg, dtype, pad_to=pad_to, layout=layout)
     return unpatchify_head(params, cfg, x, temb, grid)

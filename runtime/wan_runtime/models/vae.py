@@ -294,8 +294,8 @@ def _at(params, path):
     return params
 
 
-def _walk(ops, params, x, cache, first, dt):
-    """Interpret a plan on one chunk."""
+def _walk(ops, params, x, cache, first, dt, shard=None):
+    """Interpret a plan on one chunk. ``shard``: a sharding constraint applied to every op's output."""
     for op in ops:
         p = _at(params, op.path)
         if op.kind == "conv":
@@ -311,7 +311,7 @@ def _walk(ops, params, x, cache, first, dt):
         elif op.kind == "up":
             x = _upsample(x, p, op.mode, cache, first, dt)
         elif op.kind == "block":
-            y = _walk(op.body, params, x, cache, first, dt)
+            y = _walk(op.body, params, x, cache, first, dt, shard)
             if op.mode == "avgdown":
                 y = y + _avg_down(x, op.cout, op.ft, op.fs)
             elif op.mode == "dupup":
@@ -319,6 +319,8 @@ def _walk(ops, params, x, cache, first, dt):
             x = y
         else:
             raise ValueError(f"unknown op {op.kind}")
+        if shard is not None:
+            x = shard(x)
     return x
 
 
@@ -346,7 +348,7 @@ def _write(buf, y, s, ragged):
     return lax.dynamic_update_slice_in_dim(buf, y, a, axis=2)
 
 
-def _chunked(ops, params, src, pre, post, unit, chunk, dt):
+def _chunked(ops, params, src, pre, post, unit, chunk, dt, shard=None):
     """Run a plan causally over ``src`` (B, C, T, ...), time on axis 2.
 
     Frame 0 alone (``first``), then a scan over the n = (T - 1) // unit later units of ``unit`` frames,
@@ -356,12 +358,12 @@ def _chunked(ops, params, src, pre, post, unit, chunk, dt):
     back), so the real frames do not see the padding. ``pre`` maps raw frames to the channels-last compute
     input, ``post`` maps the walk output to the float32 result layout (B, C', t', ...). Each step reads its
     window from ``src`` and writes its output in place into one buffer carried by the scan, so the working
-    memory does not grow with T.
+    memory does not grow with T. ``shard`` constrains every channels-last activation (spatial sharding).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     c0 = _Cache()
-    y0 = post(_walk(ops, params, pre(src[:, :, :1]), c0, True, dt))
+    y0 = post(_walk(ops, params, pre(src[:, :, :1]), c0, True, dt, shard))
     n = (src.shape[2] - 1) // unit
     if n == 0:
         return y0
@@ -370,7 +372,7 @@ def _chunked(ops, params, src, pre, post, unit, chunk, dt):
 
     def body(cache, x):
         c = _Cache(cache)
-        y = post(_walk(ops, params, pre(x), c, False, dt))
+        y = post(_walk(ops, params, pre(x), c, False, dt, shard))
         return tuple(c.new), y
 
     window = jax.ShapeDtypeStruct((*src.shape[:2], w, *src.shape[3:]), src.dtype)
@@ -411,11 +413,15 @@ def _channels_first(y):  # (B, T, H, W, C) -> (B, C, T, H, W) float32
     return jnp.moveaxis(y, -1, 1).astype(F32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk"))
-def decode(params: Params, cfg: VAEConfig, z: jax.Array, *, dtype=jnp.float32, chunk: int = 1) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "layout"))
+def decode(params: Params, cfg: VAEConfig, z: jax.Array, *, dtype=jnp.float32, chunk: int = 1,
+           layout=None) -> jax.Array:
     """Raw (un-normalised) latents (B, z_dim, F', H', W') -> video (B, C, 1 + 4(F'-1), H, W) in [-1, 1], float32.
     ``chunk``: latent frames per scan step after frame 0 (same result; more frames per step = larger convs,
-    more working memory)."""
+    more working memory). ``layout`` (a ``sharding.Layout`` over several devices): every activation is
+    split along its width (else height) across all devices, the batch redundant; XLA's SPMD partitioner
+    exchanges the conv halos."""
+    shard = None if layout is None or not layout.active else (lambda x: layout.spatial(x, 2, 3))
     dt = jnp.dtype(dtype)
     p, params = cfg.patch_size, _prepare(params, dt)
 
@@ -425,7 +431,7 @@ def decode(params: Params, cfg: VAEConfig, z: jax.Array, *, dtype=jnp.float32, c
     def post(y):
         return _channels_first(jnp.clip(_unpatchify(y, p) if p else y, -1.0, 1.0))
 
-    return _chunked(decoder_plan(cfg), params, z, pre, post, 1, chunk, dt)
+    return _chunked(decoder_plan(cfg), params, z, pre, post, 1, chunk, dt, shard)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk"))

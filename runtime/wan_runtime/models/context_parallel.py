@@ -1,0 +1,109 @@
+"""Context-parallel self-attention: the video tokens split along the sequence across devices.
+
+Activations of the transformer are sharded along the token sequence over the mesh axes of
+:attr:`wan_runtime.sharding.Layout.seq_axes` (``fsdp`` and ``context``); every matmul is then local,
+and only self-attention needs keys and values from other devices. Three ways to give each device's
+queries every key, all under ``shard_map`` over the whole mesh (batch over ``data``, heads over
+``tensor``, the sequence over the sequence axes), selectable per run:
+
+- ``allgather``: all-gather K, V and the key mask along the sequence; each device attends its own
+  queries to every key with the backend's kernel. Simple; a device holds the whole K/V.
+- ``ulysses`` (DeepSpeed-Ulysses): all-to-all from (sequence shard, all local heads) to (whole
+  sequence, 1/n of the heads), the backend's kernel on the whole sequence, all-to-all back. Moves
+  the least data; needs the local head count divisible by the sequence shard count.
+- ``ring``: K/V blocks travel around the ring of devices (``ppermute``, n - 1 hops); each device
+  folds one block at a time into its queries' result with a running max and sum (online softmax),
+  never holding more than two K/V blocks.
+
+Cross-attention stays local: its keys are the short text context, replicated. Padded tokens (the
+sequence is padded to a multiple of the shard count) are masked out of the keys by ``key_mask``.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from .attention import attention
+
+MODES = ("allgather", "ulysses", "ring")
+
+
+def choose_mode(mode: str, heads: int, tensor: int, shards: int) -> str:
+    """``auto``: Ulysses when the heads per tensor shard split evenly over the sequence shards, else ring."""
+    if mode != "auto":
+        if mode not in MODES:
+            raise ValueError(f"--context-attention: unknown mode {mode!r}; modes are auto, {', '.join(MODES)}")
+        if mode == "ulysses" and (heads // tensor) % shards:
+            raise ValueError(f"--context-attention ulysses: {heads // tensor} heads per tensor shard do not split "
+                             f"over {shards} sequence shards; use ring or allgather")
+        return mode
+    return "ulysses" if (heads // tensor) % shards == 0 else "ring"
+
+
+def self_attention(q, k, v, key_mask, layout, mode: str):
+    """softmax(q k^T / sqrt(Dh)) v for q, k, v (B, S, H, Dh) sharded along S over ``layout.seq_axes``.
+
+    ``key_mask``: (B, S) bool, True = real key, or None. Same result as :func:`attention.attention`
+    on the gathered arrays (up to float reassociation)."""
+    mesh, seq = layout.mesh, layout.seq_axes
+    B, S, H, _ = q.shape
+    batch = layout.axis_if_divides("batch", B)
+    heads = layout.axis_if_divides("act_heads", H)
+    spec = P(batch, seq, heads, None)
+    mask_spec = P(batch, seq)
+    if key_mask is None:
+        key_mask = jnp.ones((B, S), bool)
+    body = {"allgather": _allgather, "ulysses": _ulysses, "ring": _ring}[mode]
+    fn = jax.shard_map(lambda q, k, v, m: body(q, k, v, m, seq), mesh=mesh,
+                       in_specs=(spec, spec, spec, mask_spec), out_specs=spec, check_vma=False)
+    return fn(q, k, v, key_mask)
+
+
+def _gather(x, axes, axis):
+    return jax.lax.all_gather(x, axes, axis=axis, tiled=True)
+
+
+def _allgather(q, k, v, m, axes):
+    return attention(q, _gather(k, axes, 1), _gather(v, axes, 1), key_mask=_gather(m, axes, 1))
+
+
+def _ulysses(q, k, v, m, axes):
+    # (b, s/n, h, d) -> (b, s, h/n, d): split the heads, gather the sequence
+    to_heads = lambda x: jax.lax.all_to_all(x, axes, split_axis=2, concat_axis=1, tiled=True)  # noqa: E731
+    o = attention(to_heads(q), to_heads(k), to_heads(v), key_mask=_gather(m, axes, 1))
+    return jax.lax.all_to_all(o, axes, split_axis=1, concat_axis=2, tiled=True)
+
+
+def _ring(q, k, v, m, axes):
+    n = math.prod(jax.lax.axis_size(a) for a in axes)
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    f32 = q.dtype == jnp.float32
+    prec = jax.lax.Precision.HIGHEST if f32 else None
+    qs = q.astype(jnp.float32) if f32 else q
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    b, s, h, _ = q.shape
+    # running max (finite start, so a fully masked block adds exactly nothing), sum and weighted values
+    mx = jnp.full((b, h, s), -1e30, jnp.float32)
+    den = jnp.zeros((b, h, s), jnp.float32)
+    acc = jnp.zeros(q.shape, jnp.float32)
+
+    def fold(k, v, m, mx, den, acc):
+        logits = jnp.einsum("bqhd,bkhd->bhqk", qs, k, precision=prec, preferred_element_type=jnp.float32) * scale
+        logits = jnp.where(m[:, None, None, :], logits, -jnp.inf)
+        new = jnp.maximum(mx, logits.max(-1))
+        p = jnp.exp(logits - new[..., None])
+        corr = jnp.exp(mx - new)
+        den = den * corr + p.sum(-1)
+        pv = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, precision=prec, preferred_element_type=jnp.float32)
+        return new, den, acc * jnp.moveaxis(corr, 1, 2)[..., None] + pv
+
+    def hop(carry, _):  # the neighbour's block arrives, then is folded in
+        k, v, m = (jax.lax.ppermute(x, axes, perm) for x in carry[:3])
+        return (k, v, m, *fold(k, v, m, *carry[3:])), None
+
+    carry = (k, v, m, *fold(k, v, m, mx, den, acc))
+    (_, _, _, _, den, acc), _ = jax.lax.scan(hop, carry, None, length=n - 1)
+    return (acc / jnp.moveaxis(den, 1, 2)[..., None]).astype(q.dtype)
