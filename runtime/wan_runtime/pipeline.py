@@ -432,11 +432,13 @@ class WanPipeline:
             video = jnp.concatenate([first, jnp.zeros(first.shape[:2] + (num_frames - 1, height, width), first.dtype)], 2)
             z = self._compile(("encode", video.shape), enc, self.params["vae"], video, mean, inv_std)(
                 self.params["vae"], video, mean, inv_std)
+            z = jnp.asarray(dist.to_host(z))  # small; the host-side assembly below then works across processes too
             known = jnp.zeros((1, self.vae_scale_temporal, f_lat, h_lat, w_lat), jnp.float32).at[:, :, 0].set(1.0)
             mode, cond, mask = "concat", jnp.concatenate([known, z], axis=1), None
         else:  # TI2V: latent frame 0 is the image's
             z = self._compile(("encode", first.shape), enc, self.params["vae"], first, mean, inv_std)(
                 self.params["vae"], first, mean, inv_std)
+            z = jnp.asarray(dist.to_host(z))
             mask = jnp.ones((1, 1, f_lat, h_lat, w_lat), jnp.float32).at[:, :, 0].set(0.0)
             mode, cond = "expand", z
         image_emb = None
