@@ -328,17 +328,33 @@ TREE_BUILDERS: dict[str, Callable[[Mapping[str, Any], str], Tree]] = {
 
 
 def component_tree(component: str, cfg: Mapping[str, Any], weights_dtype: str = "bfloat16") -> Tree:
+    """The abstract param tree of a component from its config.json dict. A config that does not describe
+    one (a missing key, a value of the wrong type) is a FormatError naming the key or value."""
     if component not in TREE_BUILDERS:
         raise ValueError(f"unknown component {component!r}")
+    if not isinstance(cfg, Mapping):
+        raise FormatError(f"{component} config is not a JSON object")
     if component == "image_encoder" and "vision_config" in cfg:
         cfg = cfg["vision_config"]
-    return TREE_BUILDERS[component](cfg, weights_dtype)
+    try:
+        return TREE_BUILDERS[component](cfg, weights_dtype)
+    except KeyError as e:
+        raise FormatError(f"{component} config has no {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise FormatError(f"{component} config does not describe a Wan {component} ({e})") from None
 
 
 # --------------------------------------------------------------------------------------------
 # Families
 # --------------------------------------------------------------------------------------------
 FAMILIES = ("wan2.1-t2v", "wan2.1-i2v", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b")
+
+
+def family_components(family: str) -> tuple[str, ...]:
+    """The components a complete checkpoint of ``family`` holds (what generation needs)."""
+    extra = {"wan2.1-i2v": ("image_encoder",), "wan2.2-t2v-a14b": ("transformer_2",),
+             "wan2.2-i2v-a14b": ("transformer_2",)}.get(family, ())
+    return tuple(c for c in COMPONENTS if c in ("text_encoder", "transformer", "vae") + extra)
 
 
 def detect_family(model_index: Mapping[str, Any], transformer_cfg: Mapping[str, Any],
@@ -377,14 +393,23 @@ def read_manifest(root: str | pathlib.Path) -> dict:
         raise FormatError(f"{path}: not found; is {root} a checkpoint written by wan-convert?") from None
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
-    if m.get("format") != FORMAT_NAME:
+    except (OSError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise FormatError(f"{path}: not a {FORMAT_NAME} manifest")
     if m.get("format_version") != FORMAT_VERSION:
         raise FormatError(
             f"{path}: format version {m.get('format_version')} but this runtime reads version {FORMAT_VERSION}; "
             "re-convert the source with a matching wan-convert")
     if m.get("family") not in FAMILIES:
-        raise FormatError(f"{path}: unknown family {m.get('family')!r}")
+        raise FormatError(f"{path}: family {m.get('family')!r} is not one this runtime knows "
+                          f"({', '.join(FAMILIES)}); a newer wan-jax may read it")
+    comps = m.get("components")
+    if not isinstance(comps, dict) or not comps or any(c not in COMPONENTS for c in comps):
+        raise FormatError(f"{path}: 'components' must name some of {', '.join(COMPONENTS)}")
+    policy = m.get("dtype_policy")
+    if not isinstance(policy, dict) or policy.get("weights") not in ("bfloat16", "float16", "float32"):
+        raise FormatError(f"{path}: 'dtype_policy.weights' must be bfloat16, float16 or float32")
     return m
 
 
@@ -419,6 +444,9 @@ def zarr_spec(component_dir: str | pathlib.Path, path: str, leaf: Leaf | None = 
         "kvstore": {"driver": "file", "path": str(array_dir(component_dir, path))},
         "recheck_cached_data": False,
         "recheck_cached_metadata": False,
+        # every chunk is stored, zeros included (as Orbax does), so a missing chunk file is damage, not zeros
+        "store_data_equal_to_fill_value": True,
+        "fill_missing_data_reads": False,
     }
     if leaf is not None:
         spec["metadata"] = {
