@@ -1,10 +1,12 @@
 """``wan-convert SOURCE OUTPUT`` and ``wan-convert verify OUTPUT [--source SOURCE]``."""
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
 
+from wan_runtime import errors
 from wan_runtime.format import FormatError
 from wan_runtime.sharding import MeshError
 
@@ -15,7 +17,7 @@ from .verify import VerifyError, verify
 USER_ERRORS = (SourceError, OutputError, VerifyError, FormatError, MeshError, ValueError, OSError)
 
 
-class _DefaultToConvert(click.Group):
+class _DefaultToConvert(errors.Group):
     """``wan-convert SOURCE OUTPUT`` is short for ``wan-convert convert SOURCE OUTPUT``."""
 
     def parse_args(self, ctx, args):
@@ -25,13 +27,14 @@ class _DefaultToConvert(click.Group):
 
 
 def _fail(debug: bool, e: BaseException) -> None:
-    if debug:
-        raise e
-    click.echo(f"wan-convert: error: {e}", err=True)
-    sys.exit(2)
+    errors.report("wan-convert", e, debug)
 
 
-@click.group(cls=_DefaultToConvert, context_settings={"help_option_names": ["-h", "--help"]})
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C (SIGKILL cannot: the next run does)
+
+
+@click.group(cls=_DefaultToConvert, prog="wan-convert", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="wan-jax", prog_name="wan-convert")
 def main():
     """Convert a diffusers-format Wan repository (folder or Hugging Face repo id) once, into a
@@ -55,6 +58,8 @@ def main():
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def convert_cmd(source, output, weights_dtype, mesh, force, threads, revision, then_verify, no_hash, only, fsync, quiet, debug):
     """Convert SOURCE into a checkpoint at OUTPUT."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    s = None
     try:
         s = convert(source, output, weights_dtype=weights_dtype, mesh=mesh, force=force, threads=threads,
                     progress=not quiet and sys.stderr.isatty(), revision=revision, hash_source=not no_hash,
@@ -66,8 +71,11 @@ def convert_cmd(source, output, weights_dtype, mesh, force, threads, revision, t
     except USER_ERRORS as e:
         _fail(debug, e)
     except KeyboardInterrupt:
-        click.echo("wan-convert: interrupted; nothing was written at OUTPUT", err=True)
+        what = "nothing was written at OUTPUT" if s is None else "OUTPUT is complete but was not verified"
+        click.echo(f"wan-convert: interrupted; {what}", err=True)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @main.command("verify")
@@ -84,7 +92,7 @@ def verify_cmd(output, source, threads, debug):
     if source:
         click.echo(f"ok: {output} matches the runtime's trees and {source} bit for bit ({n} arrays)")
     else:
-        click.echo(f"ok: {output} matches the runtime's trees")
+        click.echo(f"ok: {output} matches the runtime's trees; every chunk read back (present, complete, crc32c)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ existing OUTPUT is replaced only with ``force`` and only after the new checkpoin
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import errno
 import itertools
 import json
 import math
@@ -31,7 +34,7 @@ from wan_runtime import sharding
 
 from . import __version__
 from .mapping import Target, plan
-from .source import Component, Repo, SourceError, resolve
+from .source import Component, Repo, SourceError, read_json, resolve
 
 try:  # hardware crc32c (SSE4.2 / ARMv8); without it TensorStore encodes the chunks
     from crc32c import crc32c as _crc32c
@@ -39,10 +42,33 @@ except ImportError:  # pragma: no cover
     _crc32c = None
 
 COPIED_FOLDERS = ("tokenizer", "scheduler", "image_processor", "feature_extractor")
+#: side files wan-run reads (beyond the components' config.json): a complete conversion needs them
+NEEDED_FILES = {"tokenizer/tokenizer.json": "text_encoder", "image_processor/preprocessor_config.json": "image_encoder"}
 
 
 class OutputError(ValueError):
-    """OUTPUT cannot be written (exists without --force, not writable, ...)."""
+    """OUTPUT cannot be written (exists without --force, not writable, disk full, ...); names the file."""
+
+
+_FULL = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file size limit is reached",
+         errno.EDQUOT: "the disk quota is exhausted"}
+
+
+@contextlib.contextmanager
+def _writing(path):
+    """Turn an OS or TensorStore write failure into a one-line OutputError naming ``path``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as e:
+        why = _FULL.get(e.errno, e.strerror or str(e))
+        raise OutputError(f"{path}: cannot write ({why}); nothing was written at OUTPUT") from None
+    except (ValueError, RuntimeError) as e:  # TensorStore reports I/O errors as ValueError / RuntimeError
+        text = str(e)
+        why = next((w for code, w in _FULL.items() if os.strerror(code) in text), None)
+        why = why or (text.split(" [tensorstore_spec=")[0].splitlines()[0][:300] if text else type(e).__name__)
+        raise OutputError(f"{path}: cannot write ({why}); nothing was written at OUTPUT") from None
 
 
 @dataclasses.dataclass
@@ -128,7 +154,8 @@ def _run_unit(u: _Unit, comp: Component, buffers: _Buffers, folder: pathlib.Path
     if not leaf.shape or _crc32c is None:  # generic path: TensorStore encodes and writes
         buf = buffers.get(src.shape, dtype)
         np.copyto(buf, src, casting="unsafe")
-        (u.array[u.layer] if tgt.stacked else u.array[u.rows]).write(buf).result()
+        with _writing(folder / tgt.path):
+            (u.array[u.layer] if tgt.stacked else u.array[u.rows]).write(buf).result()
         written = buf.nbytes
     else:
         if tgt.stacked:
@@ -160,19 +187,21 @@ def _write_chunks(array_dir: pathlib.Path, src: np.ndarray, row: int, chunks: tu
         else:
             np.copyto(buf, part, casting="unsafe")
         key = array_dir / fmt.chunk_key((row, *idx))
-        key.parent.mkdir(parents=True, exist_ok=True)
         data = memoryview(buf.reshape(-1).view(np.uint8))
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data) if data.nbytes < (1 << 30) else _write_all(fd, data)
-            os.write(fd, struct.pack("<I", _crc32c(data)))
-        finally:
-            os.close(fd)
+        with _writing(key):
+            key.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_all(fd, data)
+                _write_all(fd, memoryview(struct.pack("<I", _crc32c(data))))
+            finally:
+                os.close(fd)
         written += buf.nbytes
     return written
 
 
 def _write_all(fd: int, data: memoryview) -> None:
+    """os.write until done: a short write (the disk filling up) continues, and then fails with its errno."""
     while data.nbytes:
         n = os.write(fd, data[: 1 << 30])
         data = data[n:]
@@ -181,13 +210,28 @@ def _write_all(fd: int, data: memoryview) -> None:
 def _open_outputs(folder: pathlib.Path, targets: list[Target], mesh_shape, ctx):
     import tensorstore as ts
 
-    futures = []
-    for t in targets:
-        itemsize = fmt.np_dtype(t.leaf.dtype).itemsize
-        chunks = sharding.chunk_shape(t.leaf.shape, t.leaf.axes, mesh_shape, itemsize)
-        spec = fmt.zarr_spec(folder, t.path, t.leaf, chunks)
-        futures.append((t, chunks, ts.open(spec, create=True, context=ctx)))
-    return [(t, chunks, f.result()) for t, chunks, f in futures]
+    futures, out, failed = [], [], None
+    try:
+        for t in targets:
+            itemsize = fmt.np_dtype(t.leaf.dtype).itemsize
+            chunks = sharding.chunk_shape(t.leaf.shape, t.leaf.axes, mesh_shape, itemsize)
+            spec = fmt.zarr_spec(folder, t.path, t.leaf, chunks)
+            futures.append((t, chunks, ts.open(spec, create=True, context=ctx)))
+        for t, chunks, f in futures:
+            try:
+                out.append((t, chunks, f.result()))
+            except Exception as e:  # noqa: BLE001 - TensorStore error types vary
+                failed = failed or (t, e)
+    finally:  # even when interrupted: let every open finish, so nothing writes into the folder after cleanup
+        for _, _, f in futures:
+            try:
+                f.result()
+            except Exception:  # noqa: BLE001
+                pass
+    if failed:
+        with _writing(fmt.array_dir(folder, failed[0].path) / "zarr.json"):
+            raise failed[1]
+    return out
 
 
 class _Progress:
@@ -210,12 +254,22 @@ class _Progress:
             self.bar.close()
 
 
-def _prepare_output(output: pathlib.Path, force: bool) -> pathlib.Path:
-    output = output.expanduser().absolute()
+def _check_output(output: pathlib.Path, force: bool) -> None:
+    """Refuse an OUTPUT that must not be replaced (checked before any work, and again before writing)."""
     if output.exists() and not force:
         raise OutputError(f"{output}: already exists; pass --force to replace it")
-    if output.exists() and not (output / fmt.MANIFEST).exists() and any(output.iterdir()):
+    if output.exists() and (not output.is_dir() or (not (output / fmt.MANIFEST).exists() and any(output.iterdir()))):
         raise OutputError(f"{output}: exists and is not a wan-jax checkpoint; refusing to replace it")
+
+
+def _prepare_output(output: pathlib.Path, force: bool) -> pathlib.Path:
+    """Check OUTPUT, clean up after earlier interrupted runs, and name this run's hidden temporary sibling
+    (created by the caller inside its clean-up ``try``, so an interrupt cannot orphan it).
+
+    Leftovers of a killed run (``.NAME.tmp-PID``, ``.NAME.old-PID`` of a PID that is gone) are removed
+    here; the one exception is an ``.old-`` sibling while OUTPUT is missing, the previous checkpoint of
+    a run killed between the two renames of the fallback commit: it is put back at OUTPUT first."""
+    output = output.expanduser().absolute()
     parent = output.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -223,15 +277,27 @@ def _prepare_output(output: pathlib.Path, force: bool) -> pathlib.Path:
         raise OutputError(f"{parent}: cannot create ({e.strerror})") from None
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{parent}: not writable")
-    # clear leftovers of earlier interrupted runs for this output
-    for stale in parent.glob(f".{output.name}.tmp-*"):
+    for stale in sorted(parent.glob(f".{output.name}.old-*")) + sorted(parent.glob(f".{output.name}.tmp-*")):
         pid = stale.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and _alive(int(pid))):
+        if pid.isdigit() and _alive(int(pid)):
+            continue  # another conversion to the same OUTPUT is running
+        if ".old-" in stale.name and not output.exists() and (stale / fmt.MANIFEST).exists():
+            os.rename(stale, output)
+        else:
             shutil.rmtree(stale, ignore_errors=True)
+    _check_output(output, force)
     tmp = parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     return tmp
+
+
+def _remove(folder: pathlib.Path) -> None:
+    """Delete a temporary folder, again if a late background write (TensorStore's threads) recreated part of it."""
+    for _ in range(20):
+        shutil.rmtree(folder, ignore_errors=True)
+        time.sleep(0.01)
+        if not folder.exists():
+            return
 
 
 def _alive(pid: int) -> bool:
@@ -245,24 +311,47 @@ def _alive(pid: int) -> bool:
 
 
 def _commit(tmp: pathlib.Path, output: pathlib.Path) -> None:
-    """Atomically put ``tmp`` at ``output`` (replacing an old checkpoint only now that the new one is complete)."""
+    """Atomically put ``tmp`` at ``output``, replacing an old checkpoint only now that the new one is complete.
+
+    A replacement is one atomic exchange of the two folders (Linux renameat2), so at every instant
+    OUTPUT is the old or the new checkpoint; where the exchange is unavailable, two renames, and a
+    kill between them leaves the old checkpoint in ``.NAME.old-PID``, which the next run puts back."""
     _fsync_dir(tmp)
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        os.rename(output, old)
-        os.rename(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, output)
+    with _writing(output):
+        if not output.exists():
+            os.rename(tmp, output)
+        elif _exchange(tmp, output):
+            shutil.rmtree(tmp, ignore_errors=True)  # the old checkpoint, now at tmp
+        else:
+            old = output.parent / f".{output.name}.old-{os.getpid()}"
+            os.rename(output, old)
+            os.rename(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(output.parent)
 
 
-def _fsync_file(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE). False where the OS or filesystem lacks it."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_file(path: pathlib.Path) -> None:
+    with _writing(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(path: pathlib.Path) -> None:
@@ -277,13 +366,26 @@ def _fsync_dir(path: pathlib.Path) -> None:
 
 
 def _copy_side_files(repo: Repo, tmp: pathlib.Path, components: list[str]) -> None:
-    shutil.copy2(repo.root / "model_index.json", tmp / "model_index.json")
+    files = [pathlib.Path("model_index.json")] + [pathlib.Path(c) / "config.json" for c in components]
     for name in COPIED_FOLDERS:
-        src = repo.root / name
-        if src.is_dir():
-            shutil.copytree(src, tmp / name)
-    for c in components:
-        shutil.copy2(repo.root / c / "config.json", tmp / c / "config.json")
+        if (repo.root / name).is_dir():
+            files += sorted(p.relative_to(repo.root) for p in (repo.root / name).rglob("*") if p.is_file())
+    for rel in files:
+        with _writing(tmp / rel):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo.root / rel, tmp / rel)
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+    with _writing(path):
+        path.write_text(text)
+
+
+def _component_tree(repo: Repo, component: str, config: dict, weights_dtype: str) -> dict:
+    try:
+        return fmt.component_tree(component, config, weights_dtype)
+    except fmt.FormatError as e:
+        raise SourceError(f"{repo.root / component / 'config.json'}: {e}") from None
 
 
 def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfloat16", mesh: str | None = None,
@@ -303,8 +405,9 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
     threads = threads or default_threads()
     output = pathlib.Path(output).expanduser().absolute()
     repo = resolve(source, revision)
-    if output.exists() and not force:  # fail before any work
-        raise OutputError(f"{output}: already exists; pass --force to replace it")
+    _check_output(output, force)  # fail before any work
+    if output.resolve().is_relative_to(repo.root):
+        raise OutputError(f"{output}: inside SOURCE {repo.root}; write the checkpoint elsewhere")
     components = repo.components()
     if only:
         unknown = sorted(set(only) - set(components))
@@ -316,29 +419,49 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
             if needed not in components:
                 raise SourceError(f"{repo.root}: model_index.json has no {needed}; not a complete Wan repository "
                                   "(use --only to convert single components)")
+        for rel, component in NEEDED_FILES.items():
+            if component in components and not (repo.root / rel).is_file():
+                raise SourceError(f"{repo.root / rel}: missing; wan-run needs it to use the {component}")
     opened = {c: Component(repo.root / c) for c in components}
-    vae_cfg = opened["vae"].config if "vae" in opened else None
-    tcfg = json.loads((repo.root / "transformer" / "config.json").read_text())
-    family = fmt.detect_family(repo.model_index, tcfg, vae_cfg)
-    plans = {c: plan(c, comp.tensors, fmt.component_tree(c, comp.config, weights_dtype))
+
+    def config(c: str) -> dict | None:  # the family needs configs of components --only leaves out, too
+        path = repo.root / c / "config.json"
+        return opened[c].config if c in opened else read_json(path) if path.is_file() else None
+
+    try:
+        family = fmt.detect_family(repo.model_index, config("transformer") or {}, config("vae"))
+    except ValueError as e:
+        raise SourceError(f"{repo.root / 'transformer' / 'config.json'}: {e}") from None
+    plans = {c: plan(c, comp.tensors, _component_tree(repo, c, comp.config, weights_dtype))
              for c, comp in opened.items()}
 
     # hash the source files in the background while converting (they are read anyway)
     hashes: dict[str, str] = {}
-    hasher = threading.Thread(target=lambda: hashes.update(repo.file_hashes()), daemon=True)
+    hash_error: list[OSError] = []
+
+    def hash_files():
+        try:
+            hashes.update(repo.file_hashes())
+        except OSError as e:
+            hash_error.append(e)
+
+    hasher = threading.Thread(target=hash_files, daemon=True)
     if hash_source:
         hasher.start()
 
-    tmp = _prepare_output(output, force)
     ctx = ts_context(threads)
     total_in = sum(t.in_bytes for p in plans.values() for t in p)
     bar = _Progress(total_in, progress)
     written = 0
+    tmp = _prepare_output(output, force)
     try:
+        with _writing(tmp):
+            tmp.mkdir()
         units: list[tuple[_Unit, Component]] = []
         for c, targets in plans.items():
             folder = tmp / c
-            folder.mkdir()
+            with _writing(folder):
+                folder.mkdir()
             for t, chunks, arr in _open_outputs(folder, targets, mesh_shape, ctx):
                 units.extend((u, opened[c]) for u in _units(t, arr, folder, chunks))
         # largest first keeps both threads busy to the end
@@ -358,14 +481,17 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
             if fsync:  # durable against power loss, at the disk's write speed (crash-safety needs no fsync)
                 list(ex.map(_fsync_file, (p for p in tmp.rglob("*") if p.is_file())))
         for c, targets in plans.items():
-            (tmp / c / fmt.ORBAX_METADATA).write_text(json.dumps(fmt.orbax_metadata([t.path for t in targets])))
-            (tmp / c / fmt.ORBAX_CHECKPOINT_METADATA).write_text(json.dumps(
+            _write_text(tmp / c / fmt.ORBAX_METADATA, json.dumps(fmt.orbax_metadata([t.path for t in targets])))
+            _write_text(tmp / c / fmt.ORBAX_CHECKPOINT_METADATA, json.dumps(
                 {"item_handlers": None, "metrics": {}, "performance_metrics": {},
                  "init_timestamp_nsecs": time.time_ns(), "commit_timestamp_nsecs": time.time_ns(),
                  "custom_metadata": {}}))
         _copy_side_files(repo, tmp, components)
         if hash_source:
             hasher.join()
+            if hash_error:
+                e = hash_error[0]
+                raise SourceError(f"{e.filename or repo.root}: cannot read for its sha256 ({e.strerror or e})")
         manifest = {
             "format": fmt.FORMAT_NAME,
             "format_version": fmt.FORMAT_VERSION,
@@ -383,10 +509,10 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
         }
         if "boundary_ratio" in repo.model_index:
             manifest["boundary_ratio"] = repo.model_index.get("boundary_ratio")
-        (tmp / fmt.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        _write_text(tmp / fmt.MANIFEST, json.dumps(manifest, indent=1) + "\n")
         _commit(tmp, output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     finally:
         bar.close()

@@ -22,6 +22,8 @@ from wan_runtime.format import Leaf, flatten
 from .source import SourceError, TensorInfo
 
 Rule = tuple[str, "str | None"]
+#: source dtypes a weight may have (integer or bool tensors are never Wan weights: casting them would be silent garbage)
+FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
 
 TRANSFORMER: Sequence[Rule] = (
     ("blocks.{L}.attn1.to_out.0.", "blocks.attn1.to_out."),
@@ -109,6 +111,8 @@ def plan(component: str, tensors: Mapping[str, TensorInfo], tree: Mapping) -> li
             raise SourceError(f"{info.file}: tensor {name} is not part of a Wan {component}")
         if dst is None:
             continue
+        if info.dtype not in FLOAT_DTYPES:
+            raise SourceError(f"{info.file}: tensor {name} has dtype {info.dtype}; Wan weights are floating point")
         path = dst + name[m.end():]
         tgt = targets.get(path)
         if tgt is None:
@@ -129,11 +133,12 @@ def plan(component: str, tensors: Mapping[str, TensorInfo], tree: Mapping) -> li
             continue  # a tied copy (see module doc); the first source by name order wins
         claimed[key] = name
         tgt.sources[layer] = info
+    where = next(iter(tensors.values())).file.parent if tensors else component
     for tgt in targets.values():
         missing = [i for i, s in enumerate(tgt.sources) if s is None]
         if missing:
-            what = f"block {missing[0]} of " if tgt.stacked else ""
-            raise SourceError(f"{component}: no source tensor for {what}{tgt.path} (the weights do not match "
+            what = f"block {missing[0]} (of {len(tgt.sources)} in config.json) of " if tgt.stacked else ""
+            raise SourceError(f"{where}: no source tensor for {what}{tgt.path} (the weights do not match "
                               "config.json, or a shard is incomplete)")
     return [targets[p] for p in sorted(targets)]
 

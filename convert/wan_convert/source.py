@@ -29,6 +29,8 @@ class SourceError(ValueError):
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
            "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 _MAX_HEADER = 100 << 20
+#: the diffusers pipeline classes of the Wan families wan-jax runs (model_index.json ``_class_name``)
+PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +73,14 @@ def read_header(path: pathlib.Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dt, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            dt, shape = str(info["dtype"]), tuple(int(s) for s in info["shape"])
+            b, e = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise SourceError(f"{path}: tensor {name}: malformed header entry") from None
         if dt not in _DTYPES:
             raise SourceError(f"{path}: tensor {name}: unsupported dtype {dt}")
+        if any(d < 0 for d in shape):
+            raise SourceError(f"{path}: tensor {name}: negative dimension in shape {list(shape)}")
         dtype = _DTYPES[dt]
         need = math.prod(shape) * np_dtype(dtype).itemsize
         if not (0 <= b <= e) or e - b != need:
@@ -116,7 +121,11 @@ class TensorFile:
 
     def close(self):
         if self._mm is not None:
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:  # a view is still alive (e.g. in an exception's frames): unmapped when it dies
+                pass
+            self._mm = None
 
 
 class Component:
@@ -125,13 +134,7 @@ class Component:
     def __init__(self, folder: pathlib.Path):
         self.folder = folder
         self.name = folder.name
-        cfg_path = folder / "config.json"
-        try:
-            self.config = json.loads(cfg_path.read_text())
-        except FileNotFoundError:
-            raise SourceError(f"{cfg_path}: missing") from None
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{cfg_path}: not valid JSON ({e})") from None
+        self.config = read_json(folder / "config.json")
         self.files = _weight_files(folder)
         self._open: dict[pathlib.Path, TensorFile] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -173,10 +176,9 @@ def _weight_files(folder: pathlib.Path) -> dict[pathlib.Path, set[str] | None]:
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
         idx = indexes[0]
-        try:
-            weight_map = json.loads(idx.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SourceError(f"{idx}: not a safetensors index ({e})") from None
+        weight_map = read_json(idx).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise SourceError(f"{idx}: not a safetensors index (no weight_map of tensor name -> file name)")
         files: dict[pathlib.Path, set[str] | None] = {}
         for name, fname in weight_map.items():
             files.setdefault(folder / fname, set()).add(name)
@@ -245,16 +247,31 @@ def resolve(source: str, revision: str | None = None) -> Repo:
     else:
         raise SourceError(f"{source}: no such folder, and not a Hugging Face repo id")
     mi = root / "model_index.json"
-    try:
-        model_index = json.loads(mi.read_text())
-    except FileNotFoundError:
-        raise SourceError(f"{mi}: missing; {source} is not a diffusers pipeline repository") from None
-    except json.JSONDecodeError as e:
-        raise SourceError(f"{mi}: not valid JSON ({e})") from None
+    if not mi.is_file():
+        raise SourceError(f"{mi}: missing; {source} is not a diffusers pipeline repository")
+    model_index = read_json(mi)
     cls = str(model_index.get("_class_name", ""))
     if not cls.startswith("Wan"):
         raise SourceError(f"{mi}: pipeline class {cls or '(none)'} is not a Wan pipeline")
+    if cls not in PIPELINES:
+        raise SourceError(f"{mi}: {cls} is a Wan variant wan-jax does not support "
+                          f"(it converts {' and '.join(PIPELINES)} repositories)")
     return Repo(root, source_id, rev, model_index)
+
+
+def read_json(path: pathlib.Path) -> dict:
+    """A JSON object from a source file; anything else is a SourceError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SourceError(f"{path}: missing") from None
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: not a JSON object")
+    return data
 
 
 def _looks_like_repo_id(s: str) -> bool:
@@ -287,4 +304,4 @@ def _snapshot_revision(root: pathlib.Path) -> str | None:
 
 
 
-__all__ = ["SourceError", "TensorInfo", "TensorFile", "Component", "Repo", "resolve", "read_header"]
+__all__ = ["SourceError", "TensorInfo", "TensorFile", "Component", "Repo", "resolve", "read_header", "read_json"]
