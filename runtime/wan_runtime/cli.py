@@ -8,7 +8,7 @@ import time
 
 import click
 
-from . import __version__
+from . import __version__, errors
 
 
 DTYPES = ["bfloat16", "float32", "float16"]
@@ -19,13 +19,10 @@ class UsageError(ValueError):
 
 
 def _fail(debug: bool, e: BaseException):
-    if debug:
-        raise e
-    click.echo(f"wan-run: error: {e}", err=True)
-    sys.exit(2)
+    errors.report("wan-run", e, debug)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=errors.Command, prog="wan-run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", required=True, type=click.Path(), help="a checkpoint written by wan-convert")
 @click.option("--preset", default=None, help="configs/ preset name or .toml path (default: matched to the checkpoint)")
 @click.option("--prompt", required=True)
@@ -38,7 +35,8 @@ def _fail(debug: bool, e: BaseException):
 @click.option("--guidance-2", type=float, default=None, help="guidance of the low-noise expert (Wan 2.2 A14B)")
 @click.option("--flow-shift", type=float, default=None)
 @click.option("--scheduler", type=click.Choice(["unipc", "euler"]), default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="0 .. 2**32-1 (the PRNG key takes 32 bits: larger seeds would repeat smaller ones)")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="every dtype at once, weights included (the scheduler stays float32); default: bfloat16 "
                    "transformer and text encoder, float32 VAE, weights as converted")
@@ -131,10 +129,14 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
     out_dir = out.parent if str(out.parent) else pathlib.Path(".")
     if not out_dir.is_dir() or not os.access(out_dir, os.W_OK):
         raise UsageError(f"--output: folder {out_dir} does not exist or is not writable")
+    for path in (out, out.with_suffix(".json")):
+        if path.is_dir():
+            raise UsageError(f"--output: {path} is a folder")
     if not prompt.strip():
         raise UsageError("--prompt: empty prompt")
     ckpt = open_checkpoint(checkpoint)
     p = presets_lib.load(preset) if preset else presets_lib.for_checkpoint(ckpt.family, ckpt.config("transformer"))
+    presets_lib.check_family(p, ckpt.family)
     over = dict(height=height, width=width, frames=frames, steps=steps, guidance=guidance, guidance_2=guidance_2,
                 flow_shift=flow_shift, scheduler=scheduler, fps=fps, mesh=mesh)
     s = {**{"scheduler": "unipc", "fps": 16, "guidance": 5.0, "max_sequence_length": 512}, **p,
@@ -144,7 +146,21 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
             raise UsageError(f"--{key}: not set and preset {p['name']} has no default")
     if negative_prompt is None:
         negative_prompt = s.get("negative_prompt", DEFAULT_NEGATIVE)
-    validate_request(ckpt, s["height"], s["width"], s["frames"], s["steps"], s["guidance"])
+    if s["fps"] < 1:
+        raise UsageError(f"--fps: must be >= 1, got {s['fps']}")
+    from .sharding import parse_mesh
+
+    parse_mesh(s.get("mesh"))  # the device count is checked once JAX is up, still before any weights load
+    if s["max_sequence_length"] < 1:
+        raise UsageError(f"--preset: max_sequence_length must be >= 1, got {s['max_sequence_length']}")
+    init = None
+    if latents is not None:
+        try:
+            init = np.load(latents)
+        except (OSError, ValueError, EOFError) as e:
+            raise UsageError(f"--latents: cannot read {latents} ({errors.one_line(e)})") from None
+    validate_request(ckpt, s["height"], s["width"], s["frames"], s["steps"], s["guidance"], s.get("guidance_2"),
+                     s.get("flow_shift"), None if init is None else init.shape)
     check_image_input(image_input_kind(ckpt), ckpt.family, image is not None)
     from . import caching
 
@@ -158,6 +174,11 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
         cache_settings["cache_model"] = caching.model_key_for_preset(p["name"], image is not None)
     elif cache_model is None and policy == "teacache":
         cache_settings["cache_model"] = caching.TEACACHE_MODELS.get(p["name"])
+    if policy in ("magcache", "teacache"):
+        try:
+            caching.load_calibration(cache_settings["cache_calibration"])
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--cache-calibration: {errors.one_line(e)}") from None
     try:
         cache_cfg = caching.CacheConfig.from_preset(cache_settings)
         if cache_cfg.policy in ("magcache", "teacache") and cache_cfg.model is None:
@@ -177,12 +198,6 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
             img = load_image(image)
         except ValueError as e:
             raise UsageError(f"--image: {e}") from None
-    init = None
-    if latents is not None:
-        try:
-            init = np.load(latents)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--latents: cannot read {latents} ({e})") from None
 
     # ---- load, generate
     import dataclasses

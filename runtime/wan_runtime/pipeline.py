@@ -275,8 +275,19 @@ def _decode(vae_params, latents, mean, inv_std, *, vcfg, dtype, as_uint8: bool, 
 
 
 def validate_request(ckpt: ckpt_lib.Checkpoint, height: int, width: int, num_frames: int, num_inference_steps: int,
-                     guidance_scale: float) -> None:
+                     guidance_scale: float, guidance_scale_2: float | None = None, flow_shift: float | None = None,
+                     latents_shape: Sequence[int] | None = None) -> None:
     """Checks that need only the checkpoint's configs (so a bad flag fails before any weights load)."""
+    from .format import family_components
+
+    needed = family_components(ckpt.family)
+    missing = [c for c in needed if c not in ckpt.components]
+    if missing:
+        raise InputError(f"--checkpoint: {ckpt.root} has no {missing[0]} (a partial checkpoint, converted with "
+                         f"--only?); a {ckpt.family} generation needs {', '.join(needed)}")
+    tokenizer = ckpt.root / "tokenizer" / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise InputError(f"--checkpoint: {tokenizer} is missing; re-convert the source")
     vae_cfg, t_cfg = ckpt.config("vae"), ckpt.config("transformer")
     mult = int(vae_cfg.get("scale_factor_spatial", 8)) * int(t_cfg.get("patch_size", (1, 2, 2))[1])
     if height <= 0 or height % mult:
@@ -288,8 +299,17 @@ def validate_request(ckpt: ckpt_lib.Checkpoint, height: int, width: int, num_fra
         raise InputError(f"--frames: {num_frames} is not of the form {t}k+1 (e.g. {max(0, (num_frames - 1) // t) * t + 1})")
     if num_inference_steps < 1:
         raise InputError(f"--steps: must be >= 1, got {num_inference_steps}")
-    if not guidance_scale >= 0:
-        raise InputError(f"--guidance: must be >= 0, got {guidance_scale}")
+    for flag, g in (("--guidance", guidance_scale), ("--guidance-2", guidance_scale_2)):
+        if g is not None and not (np.isfinite(g) and g >= 0):
+            raise InputError(f"{flag}: must be a finite number >= 0, got {g}")
+    if flow_shift is not None and not (np.isfinite(flow_shift) and flow_shift > 0):
+        raise InputError(f"--flow-shift: must be a finite number > 0, got {flow_shift}")
+    if latents_shape is not None:
+        s = int(vae_cfg.get("scale_factor_spatial", 8))
+        want = (int(t_cfg.get("out_channels") or t_cfg["in_channels"]), (num_frames - 1) // t + 1, height // s, width // s)
+        if tuple(latents_shape) not in (want, (1, *want)):
+            raise InputError(f"--latents: shape {list(latents_shape)} but this request needs {list(want)} "
+                             f"(or {[1, *want]})")
 
 
 def image_input_kind(ckpt: ckpt_lib.Checkpoint) -> str:

@@ -49,9 +49,16 @@ def load(name_or_path: str) -> dict[str, Any]:
         try:
             data[k] = SETTINGS[k](v)
         except (TypeError, ValueError):
-            raise PresetError(f"{path}: {k} = {v!r} is not a {SETTINGS[k].__name__}") from None
+            raise PresetError(f"{path}: {k} = {v!r} is not of type {SETTINGS[k].__name__}") from None
     data["name"] = path.stem
     return data
+
+
+def check_family(preset: Mapping[str, Any], family: str) -> None:
+    """A preset written for one family (its ``family`` key) does not run another family's checkpoint."""
+    want = preset.get("family")
+    if want and want != family:
+        raise PresetError(f"--preset: {preset['name']} is for {want} checkpoints, and this checkpoint is {family}")
 
 
 def for_checkpoint(family: str, transformer_config: Mapping[str, Any]) -> dict[str, Any]:
