@@ -198,6 +198,15 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
             img = load_image(image)
         except ValueError as e:
             raise UsageError(f"--image: {e}") from None
+    # long prompts are truncated, as diffusers does: say so now, not after the load and the generation
+    from .text import Tokenizer, tokenize_prompts
+
+    tok = Tokenizer.from_file(ckpt.root / "tokenizer" / "tokenizer.json")
+    _, _, truncated = tokenize_prompts(tok, [prompt, negative_prompt], s["max_sequence_length"])
+    for flag, cut in zip(("--prompt", "--negative-prompt"), truncated):
+        if cut:
+            click.echo(f"wan-run: warning: {flag} is longer than {s['max_sequence_length']} tokens; it is truncated",
+                       err=True)
 
     # ---- load, generate
     import dataclasses
@@ -237,8 +246,6 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
     if pipe.last_block_runs is not None:
         n = s["steps"] * len(pipe.last_block_runs)
         click.echo(f"cache {cache_cfg.policy}: ran the blocks {int(pipe.last_block_runs.sum())} of {n} times")
-    if pipe.last_truncated.any():
-        click.echo(f"wan-run: warning: a prompt was longer than {s['max_sequence_length']} tokens and was truncated", err=True)
     if not distributed.is_main():  # every process computed; process 0 writes
         return
     t0 = time.perf_counter()

@@ -437,8 +437,13 @@ class WanPipeline:
         s, t = self.vae_scale_spatial, self.vae_scale_temporal
         return (1, c, (num_frames - 1) // t + 1, height // s, width // s)
 
-    def validate(self, height: int, width: int, num_frames: int, num_inference_steps: int, guidance_scale: float):
-        validate_request(self.ckpt, height, width, num_frames, num_inference_steps, guidance_scale)
+    def validate(self, height: int, width: int, num_frames: int, num_inference_steps: int, guidance_scale: float,
+                 guidance_scale_2: float | None = None, flow_shift: float | None = None, seed: int = 0):
+        validate_request(self.ckpt, height, width, num_frames, num_inference_steps, guidance_scale, guidance_scale_2,
+                         flow_shift)
+        if not (isinstance(seed, (int, np.integer)) and 0 <= seed < 2**32):
+            # the PRNG key takes 32 bits: a larger seed would silently repeat a smaller one's video
+            raise InputError(f"--seed: must be an integer in [0, 2**32), got {seed!r}")
 
     def _image_conditions(self, image, height, width, num_frames, shape, mean, inv_std):
         """Image -> (mode, condition latents, mask, CLIP tokens), as diffusers' WanImageToVideoPipeline."""
@@ -514,7 +519,7 @@ class WanPipeline:
         ``step_plan`` (bool (steps, 3): compute cond blocks, compute uncond blocks, uncond from the CFG
         cache) turns on step caching; ``cache`` (a caching.CacheConfig) makes that plan from a policy
         (MagCache with a calibration curve, CFG cache). Neither: dense."""
-        self.validate(height, width, num_frames, num_inference_steps, guidance_scale)
+        self.validate(height, width, num_frames, num_inference_steps, guidance_scale, guidance_scale_2, flow_shift, seed)
         check_image_input(self.image_input, self.ckpt.family, image is not None)
         self.timings.compile = 0.0  # per generation (load is the pipeline's)
         if not isinstance(prompt, str) or not prompt.strip():

@@ -28,7 +28,7 @@ def test_same_seed_same_bytes(converted, tmp_path):
     b, rb = run("b.npy", 7)
     for r in (ra, rb):
         warn = [l for l in r.stderr.splitlines() if "warning" in l]
-        assert warn == ["wan-run: warning: a prompt was longer than 512 tokens and was truncated"], r.stderr
+        assert warn == ["wan-run: warning: --prompt is longer than 512 tokens; it is truncated"], r.stderr
     assert a.read_bytes() == b.read_bytes()
     side_a, side_b = (json.loads(p.with_suffix(".json").read_text()) for p in (a, b))
     assert {k: v for k, v in side_a.items() if k != "timings"} == {k: v for k, v in side_b.items() if k != "timings"}

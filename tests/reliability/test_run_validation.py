@@ -152,10 +152,21 @@ def test_python_api_validates_before_generating(converted, inputs):
     pipe = WanPipeline.from_converted(converted["wan2.1-t2v"], dtype="float32")
     for kwargs, match in [(dict(num_frames=8), "--frames"), (dict(height=33), "--height"),
                           (dict(num_inference_steps=0), "--steps"), (dict(guidance_scale=float("nan")), "--guidance"),
-                          (dict(image=str(inputs / "first.png")), "--image")]:
+                          (dict(image=str(inputs / "first.png")), "--image"),
+                          (dict(guidance_scale_2=-1.0), "--guidance-2"), (dict(flow_shift=0.0), "--flow-shift"),
+                          (dict(seed=2**32), "--seed"), (dict(seed=-1), "--seed")]:
         args = dict(height=16, width=16, num_frames=5, num_inference_steps=2) | kwargs
         with pytest.raises(InputError, match=match):
             pipe("a red fox", **args)
     with pytest.raises(InputError, match="--prompt"):
         pipe("   ", height=16, width=16, num_frames=5, num_inference_steps=2)
     assert pipe.timings.compile == 0.0, "nothing was compiled"
+
+
+def test_long_prompt_warns_before_loading(hollow, tmp_path):
+    """The truncation warning comes before the load: on a checkpoint whose arrays are gone the run still
+    fails (at the load), but the warning is already out."""
+    long = " ".join(["a red fox runs through fresh snow"] * 120)
+    r = run_cli("wan-run", "--checkpoint", hollow["wan2.1-t2v"], "--prompt", long, *OK, "--output", tmp_path / "x.mp4")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines[0] == "wan-run: warning: --prompt is longer than 512 tokens; it is truncated", r.stderr
