@@ -1,7 +1,7 @@
 """The direct chunk reader (checkpoint.restore_component) against the TensorStore path: same bits, same
-shardings, on one device and on an 8-device mesh, for matching and non-matching chunk layouts; corrupt,
-truncated, overlong and missing chunks are errors naming the array; arrays it does not read itself fall
-back to TensorStore."""
+shardings, on one device and on an 8-device mesh, for matching and non-matching chunk layouts, with chunk
+files mapped and read; corrupt, truncated, overlong and missing chunks are errors naming the array;
+arrays it does not read itself fall back to TensorStore."""
 import json
 import shutil
 
@@ -118,3 +118,40 @@ def test_corrupt_truncated_and_missing_chunks(converted, tmp_path):
     shutil.rmtree(ck / "transformer" / "blocks.ffn.fc_in.weight")
     with pytest.raises(C.CheckpointError, match=r"blocks\.ffn\.fc_in\.weight: cannot open"):
         _restore(ck, "transformer", _one_device(), True)
+
+
+def test_mapped_chunks(tmp_path, monkeypatch):
+    """A transformer whose chunks fill whole pages (heads 2 x 128, FFN 512): chunk files are mapped into
+    the shard buffers (counted), on one device and on 8; the same bits as TensorStore and as reading them."""
+    import make_synthetic_checkpoint as msc
+    from wan_convert.convert import convert
+
+    if C._MMAP is None:
+        pytest.skip("chunk files are mapped on Linux x86-64 / aarch64 only")
+    monkeypatch.setitem(msc.MODELS, "page-test", dict(num_attention_heads=2, num_layers=2, ffn_dim=512))
+    src = msc.write(tmp_path / "src", "page-test")
+    one = convert(str(src), tmp_path / "one", only=["transformer"], hash_source=False).output
+    eight = convert(str(src), tmp_path / "eight", only=["transformer"], mesh="fsdp=4,tensor=2", hash_source=False).output
+    mapped = []
+    real_map = C._map_chunk
+    monkeypatch.setattr(C, "_map_chunk", lambda file, dest: mapped.append(file) or real_map(file, dest))
+    mesh8 = shd.make_mesh(shd.parse_mesh("fsdp=4,tensor=2"))
+    for ck, mesh in ((one, _one_device()), (eight, mesh8), (eight, _one_device()), (one, mesh8)):
+        mapped.clear()
+        direct = _restore(ck, "transformer", mesh, True)
+        _assert_same(direct, _restore(ck, "transformer", mesh, False))
+        n_mapped = len(mapped)
+        with monkeypatch.context() as m:
+            m.setattr(C, "_MMAP", None)  # every chunk read with preadv
+            _assert_same(direct, _restore(ck, "transformer", mesh, True))
+        assert len(mapped) == n_mapped  # nothing mapped without mmap
+        if (ck == one) == (mesh is not mesh8):  # chunks laid out for this mesh: the weights are mapped
+            assert n_mapped >= 16, n_mapped
+    chunk = one / "transformer" / "blocks.attn1.to_q.weight" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    assert (len(data) - 4) % C._PAGE == 0
+    data[100] ^= 1
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(C.CheckpointError, match=r"blocks\.attn1\.to_q\.weight: unreadable or corrupt "
+                                                r"\(chunk c/1/0/0: crc32c mismatch\)"):
+        _restore(one, "transformer", _one_device(), True)

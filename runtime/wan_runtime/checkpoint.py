@@ -7,13 +7,19 @@ single device, where shard == array. The result is a plain nested dict of ``jax.
 Two readers give the same bits:
 
 - direct (arrays as wan-convert writes them: a regular zarr3 chunk grid, each chunk file its raw
-  little-endian bytes followed by their crc32c): for each device shard one 64-byte-aligned host buffer
-  is allocated, and a thread pool reads every chunk file straight into its place in that buffer with
-  ``preadv`` (one kernel copy out of the page cache), checksumming each piece while it is still in
-  cache. ``jax.device_put`` of an aligned buffer on CPU aliases it (no second copy). A chunk that is
-  not one contiguous run of its shard (a checkpoint converted for another mesh, a padded edge chunk)
-  is read whole into scratch memory and copied into every shard it overlaps. A missing, truncated or
-  altered chunk file is an error naming the array and the chunk (as TensorStore reports it).
+  little-endian bytes followed by their crc32c): each device shard gets one page-aligned host buffer
+  (an anonymous mapping), and a thread pool puts every chunk in its place there. A chunk that fills
+  whole pages of its shard (on Linux: every weight of a checkpoint converted for this mesh) is mapped
+  over its place, copy-on-write (``mmap`` MAP_PRIVATE | MAP_FIXED of the chunk file): no copy at all,
+  the pages are the page cache's; the crc32c pass then faults them in. Other chunks that are one
+  contiguous run of their shard are read into place with ``preadv`` (one kernel copy out of the page
+  cache), checksummed piece by piece while each piece is in cache. A chunk that is not one run of its
+  shard (a checkpoint converted for another mesh, a padded edge chunk) is read whole into scratch
+  memory and copied into every shard it overlaps. ``jax.device_put`` on CPU aliases such aligned
+  buffers (no copy); on an accelerator it copies them to the device once. A missing, truncated or
+  altered chunk file is an error naming the array and the chunk (as TensorStore reports it). Mapped
+  weights rely on what wan-convert guarantees: a checkpoint's files are never rewritten in place (a
+  re-conversion writes new files and renames the folder; unlinked files stay valid while mapped).
 - TensorStore, for everything else (other codecs, OCDBT, an Orbax re-save), or without the ``crc32c``
   module: all shard reads of a component in flight at once.
 
@@ -21,12 +27,16 @@ The same files restore with plain Orbax too (see tests).
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import json
 import math
+import mmap
 import os
 import pathlib
+import platform
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
@@ -169,6 +179,25 @@ def _restore_tensorstore(folder: pathlib.Path, component: str, leaves: dict, ctx
 # Direct reader: chunk files straight into aligned per-shard host buffers.
 # --------------------------------------------------------------------------------------------
 _PIECE = 2 << 20  # bytes read per preadv; each piece is checksummed right away, while it is in cache
+_PAGE = mmap.PAGESIZE
+_MAP_FIXED = 0x10  # Linux on x86-64 and aarch64 (Python's mmap module does not export it)
+
+
+def _libc_mmap():
+    """libc ``mmap``, to map a chunk file at a fixed address inside a shard's buffer; None where it is not
+    known to work (then every chunk is read with preadv)."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).mmap
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_void_p
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    return fn
+
+
+_MMAP = _libc_mmap()
 
 
 @dataclasses.dataclass
@@ -222,6 +251,14 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[start:start + n].view(dtype).reshape(shape)
 
 
+def shard_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array on its own page-aligned anonymous mapping (unmapped when the last view of
+    it goes): chunk files can be mapped over whole pages of it, and ``jax.device_put`` on CPU aliases it."""
+    n = math.prod(shape) * dtype.itemsize
+    region = mmap.mmap(-1, max(_PAGE, -(-n // _PAGE) * _PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(region, np.uint8)[:n].view(dtype).reshape(shape)
+
+
 def _contiguous_run(region: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, int] | None:
     """(first element, element count) if ``region`` of a C-order array of ``shape`` is one contiguous run."""
     ext = [s.stop - s.start for s in region]
@@ -261,6 +298,31 @@ def _read_chunk(file: pathlib.Path, dest: memoryview) -> None:
         os.close(fd)
 
 
+def _map_chunk(file: pathlib.Path, dest: np.ndarray) -> bool:
+    """Map a chunk file's data over ``dest`` (uint8, page-aligned, owning its last page) copy-on-write and
+    check its crc32c. False if the kernel refused the mapping (``dest`` is then anonymous memory again)."""
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except FileNotFoundError:
+        raise _ChunkError("missing") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != dest.nbytes + 4:
+            raise _ChunkError(f"{size} bytes, expected {dest.nbytes + 4}")
+        addr, length = dest.ctypes.data, -(-dest.nbytes // _PAGE) * _PAGE
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        if _MMAP(addr, length, prot, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0) != addr:
+            # a failed MAP_FIXED may leave a hole: put anonymous memory back
+            if _MMAP(addr, length, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0) != addr:
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            return False
+        if int.from_bytes(os.pread(fd, 4, dest.nbytes), "little") != _crc32c(memoryview(dest)):
+            raise _ChunkError("crc32c mismatch")
+    finally:
+        os.close(fd)
+    return True
+
+
 def _chunk_tasks(p: _DirectLeaf, buffers: dict[tuple, np.ndarray]):
     """(chunk file, dtype, chunk shape, targets) for every chunk that overlaps a shard of this process;
     a target is (shard buffer, region in the shard, region in the chunk)."""
@@ -285,8 +347,12 @@ def _read_task(p: _DirectLeaf, file: pathlib.Path, targets: list) -> None:
         buf, dst, src = targets[0]
         run = _contiguous_run(dst, buf.shape) if len(targets) == 1 else None
         if run is not None and all(s.stop - s.start == c for s, c in zip(src, p.chunks)):
-            # the whole chunk is one run of its shard: read it in place
-            _read_chunk(file, memoryview(buf.reshape(-1)[run[0]:run[0] + run[1]].view(np.uint8)))
+            # the whole chunk is one run of its shard: map it there if it owns whole pages, else read it there
+            dest = buf.reshape(-1)[run[0]:run[0] + run[1]].view(np.uint8)
+            end = dest.ctypes.data + dest.nbytes - buf.ctypes.data
+            owns_pages = dest.ctypes.data % _PAGE == 0 and (dest.nbytes % _PAGE == 0 or end == buf.nbytes)
+            if not (_MMAP is not None and owns_pages and _map_chunk(file, dest)):
+                _read_chunk(file, memoryview(dest))
             return
         scratch = np.empty(math.prod(p.chunks) * dtype.itemsize, np.uint8)
         _read_chunk(file, memoryview(scratch))
@@ -304,7 +370,7 @@ def _read_task(p: _DirectLeaf, file: pathlib.Path, targets: list) -> None:
 def _restore_direct(plans: list[_DirectLeaf], threads: int) -> dict[str, Any]:
     import jax
 
-    buffers = {p.path: {key: aligned_empty(tuple(b - a for a, b in key), fmt.np_dtype(p.leaf.dtype))
+    buffers = {p.path: {key: shard_buffer(tuple(b - a for a, b in key), fmt.np_dtype(p.leaf.dtype))
                         for key in p.by_index} for p in plans}
     tasks = [(p, file, targets) for p in plans for file, targets in _chunk_tasks(p, buffers[p.path])]
     tasks.sort(key=lambda t: -math.prod(t[0].chunks) * fmt.np_dtype(t[0].leaf.dtype).itemsize)  # big first
