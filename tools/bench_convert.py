@@ -78,6 +78,32 @@ def run_convert(src: pathlib.Path, out: pathlib.Path, threads: int | None, fsync
     return dt, hwm * 1024 / 1e9, res.stdout.splitlines()[0]
 
 
+def measure(workdir: pathlib.Path, model: str = "wan2.1-t2v-1.3b", repeat: int = 2, threads: int | None = None,
+            copy_threads: int = 2, fsync: bool = True) -> dict:
+    """Alternating rounds of the copy limit and wan-convert (and wan-convert --fsync); one row per round."""
+    import make_synthetic_checkpoint as msc
+
+    src = workdir / f"synthetic-{model}"
+    if not (src / "transformer" / "config.json").exists():
+        print(f"writing synthetic {model} to {src} ...", flush=True)
+        msc.write(src, model)
+    for f in sorted((src / "transformer").glob("*.safetensors")):  # warm the page cache
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+    rows = []
+    for _ in range(repeat):
+        dt_copy, nbytes = copy_limit(src, copy_threads)
+        dt_conv, rss_gb, _ = run_convert(src, workdir / "converted", threads)
+        row = dict(copy_gbps=nbytes / dt_copy / 1e9, convert_gbps=nbytes / dt_conv / 1e9, ratio=dt_copy / dt_conv,
+                   peak_rss_gb=rss_gb, input_gb=nbytes / 1e9, convert_s=dt_conv, copy_s=dt_copy)
+        if fsync:
+            dt_sync, _, _ = run_convert(src, workdir / "converted", threads, fsync=True)
+            row.update(fsync_gbps=nbytes / dt_sync / 1e9, fsync_ratio=dt_copy / dt_sync)
+        rows.append(row)
+    return {"model": model, "runs": rows, "machine": _machine()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="wan2.1-t2v-1.3b")
@@ -88,24 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=pathlib.Path, default=None)
     args = ap.parse_args(argv)
 
-    import make_synthetic_checkpoint as msc
-
-    src = args.workdir / f"synthetic-{args.model}"
-    if not (src / "transformer" / "config.json").exists():
-        print(f"writing synthetic {args.model} to {src} ...", flush=True)
-        msc.write(src, args.model)
-    for f in sorted((src / "transformer").glob("*.safetensors")):  # warm the page cache
-        with open(f, "rb") as fh:
-            while fh.read(64 << 20):
-                pass
-    rows = []
-    for r in range(args.repeat):
-        dt_copy, nbytes = copy_limit(src, args.copy_threads)
-        dt_conv, rss_gb, line = run_convert(src, args.workdir / "converted", args.threads)
-        dt_sync, _, _ = run_convert(src, args.workdir / "converted", args.threads, fsync=True)
-        rows.append(dict(copy_gbps=nbytes / dt_copy / 1e9, convert_gbps=nbytes / dt_conv / 1e9,
-                         ratio=dt_copy / dt_conv, fsync_gbps=nbytes / dt_sync / 1e9, fsync_ratio=dt_copy / dt_sync,
-                         peak_rss_gb=rss_gb, input_gb=nbytes / 1e9, convert_s=dt_conv))
+    result = measure(args.workdir, args.model, args.repeat, args.threads, args.copy_threads)
+    rows = result["runs"]
     best = max(rows, key=lambda r: r["ratio"])
     print(f"\nconvert {args.model}: {best['input_gb']:.2f} GB FP32 input (machine: {_machine()})")
     print(f"{'run':>4} {'copy limit GB/s':>16} {'convert GB/s':>13} {'ratio':>6} {'--fsync GB/s':>13} {'ratio':>6} {'peak RSS GB':>12}")
@@ -115,7 +125,7 @@ def main(argv=None) -> int:
     print("(convert = the whole wan-convert process incl. startup, writing bf16 zarr3 chunks + crc32c; --fsync also "
           "flushes to disk before the commit; copy limit = numpy mmap read + bf16 cast into memory; GB/s of FP32 input)")
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "runs": rows, "machine": _machine()}, indent=1))
+        args.json.write_text(json.dumps(result, indent=1))
     return 0
 
 

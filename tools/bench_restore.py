@@ -3,18 +3,18 @@ with no converter at all, and against reading the checkpoint's bytes raw, in the
 
     python tools/bench_restore.py [--model wan2.1-t2v-1.3b] [--workdir /tmp/wan-bench] [--repeat 3]
 
-All four produce (or, for the raw read, fill) the same host memory; the first three end as the same
-device arrays (one device):
+The first three end as the same device arrays (one device); the raw read fills host buffers:
 
-- ours: ``wan_runtime.checkpoint.restore_component`` (the direct chunk reader);
+- ours: ``wan_runtime.checkpoint.restore_component`` (the direct chunk reader: on Linux the weight chunks
+  are mapped copy-on-write into the shard buffers and checksummed, the rest read with preadv);
 - tensorstore: the same call with ``direct=False`` (the general path; what restore was before);
 - no converter: the best loader of the diffusers FP32 safetensors we know: read-only mmaps (zero-copy
-  views), one preallocated, 64-byte-aligned stacked buffer per runtime leaf, a thread pool of one task per
-  source tensor doing the single copy with the bf16 cast fused in (numpy casting, which releases the GIL),
-  then ``jax.device_put`` (which aliases aligned buffers on CPU, as for ours). Key renames and stacking
-  come from the converter's mapping table, i.e. the rules such a loader has to know anyway;
+  views), one preallocated stacked buffer per runtime leaf (``checkpoint.shard_buffer``, as ours:
+  page-aligned, so ``jax.device_put`` on CPU aliases it), a thread pool of one task per source tensor
+  doing the single copy with the bf16 cast fused in (numpy casting, which releases the GIL). Key renames
+  and stacking come from the converter's mapping table, i.e. the rules such a loader has to know anyway;
 - raw: every chunk file of the checkpoint read with ``preadv`` into preallocated buffers by the same
-  number of threads: no checksum, no device arrays. The floor for ours.
+  number of threads: no checksum, no device arrays (the floor for any reader that copies).
 
 The page cache is warm for all (each runs once before timing); rounds are interleaved and the median
 is reported, since this machine is shared.
@@ -42,13 +42,13 @@ def no_converter_load(src: pathlib.Path, threads: int) -> dict:
 
     from wan_convert.mapping import plan
     from wan_convert.source import Component
-    from wan_runtime.checkpoint import aligned_empty
+    from wan_runtime.checkpoint import shard_buffer
     from wan_runtime.format import component_tree, np_dtype
 
     comp = Component(src / "transformer")
     try:
         targets = plan("transformer", comp.tensors, component_tree("transformer", comp.config, "bfloat16"))
-        outs = {t.path: aligned_empty(t.leaf.shape, np_dtype(t.leaf.dtype)) for t in targets}
+        outs = {t.path: shard_buffer(t.leaf.shape, np_dtype(t.leaf.dtype)) for t in targets}
 
         def fill(t, i):
             want = t.leaf.shape[1:] if t.stacked else t.leaf.shape
@@ -67,12 +67,12 @@ def no_converter_load(src: pathlib.Path, threads: int) -> dict:
 
 def raw_read(ck: pathlib.Path, threads: int) -> int:
     """Read every chunk file under the checkpoint's transformer into preallocated buffers; returns bytes."""
-    from wan_runtime.checkpoint import aligned_empty
+    from wan_runtime.checkpoint import shard_buffer
 
     files = sorted((p for p in (ck / "transformer").rglob("*") if p.is_file() and "c" in p.relative_to(ck).parts[2:3]),
                    key=lambda p: -p.stat().st_size)
     sizes = [f.stat().st_size for f in files]
-    bufs = [aligned_empty((n,), np.dtype(np.uint8)) for n in sizes]
+    bufs = [shard_buffer((n,), np.dtype(np.uint8)) for n in sizes]
 
     def read(i):
         fd = os.open(files[i], os.O_RDONLY)

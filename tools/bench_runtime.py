@@ -26,14 +26,56 @@ sys.path[:0] = [str(ROOT / "runtime"), str(ROOT / "convert"), str(ROOT / "tools"
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'runtime'}:{ROOT / 'convert'}"}
 
 
-def wan_run(ck, cache, args, out) -> dict[str, float]:
+def wan_run(ck, cache, args, out, *extra: str) -> dict[str, float]:
+    """One ``wan-run`` process; its TIMING SUMMARY (seconds by stage, and the process's wall time)."""
     cmd = [sys.executable, "-m", "wan_runtime.cli", "--checkpoint", str(ck), "--prompt", "a red fox in the snow",
            "--height", str(args.height), "--width", str(args.width), "--frames", str(args.frames), "--steps",
-           str(args.steps), "--compile-cache", str(cache), "--output", str(out), "-q"]
+           str(args.steps), "--compile-cache", str(cache), "--output", str(out), "-q", *extra]
+    t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    wall = time.perf_counter() - t0
     if r.returncode:
         raise SystemExit(r.stderr)
-    return {k: float(v) for k, v in re.findall(r"^\s+(\w+)\s+([\d.]+) s$", r.stdout, re.M)}
+    return {**{k: float(v) for k, v in re.findall(r"^\s+(\w+)\s+([\d.]+) s$", r.stdout, re.M)}, "process": wall}
+
+
+def generation(workdir: pathlib.Path, size: str, height: int = 128, width: int = 128, frames: int = 9,
+               steps: int = 4, diffusers: bool = False) -> dict:
+    """End to end on a random model of ``size``: a first ``wan-run`` process (cold compilation cache) and
+    a second (warm), TIMING SUMMARY of each; with ``diffusers``, also both at float32 against diffusers'
+    WanPipeline on the same source repository (generation = text encoding + denoise + decode)."""
+    import make_tiny_checkpoint as mtc
+
+    ck = mtc.converted(workdir, size)
+    args = argparse.Namespace(height=height, width=width, frames=frames, steps=steps)
+    out = dict(size=size, height=height, width=width, frames=frames, steps=steps)
+    with tempfile.TemporaryDirectory() as cache:
+        out["cold"] = wan_run(ck, cache, args, workdir / "cold.mp4")
+        out["warm"] = wan_run(ck, cache, args, workdir / "warm.mp4")
+        if diffusers:
+            # compile time is reported apart, so one process gives the generation time
+            out["ours_fp32"] = wan_run(ck, cache, args, workdir / "fp32.mp4", "--dtype", "float32")
+            out["diffusers_fp32"] = diffusers_generation(workdir / f"src-{size}", args)
+    out["compile_warm_vs_cold"] = out["warm"]["compile"] / out["cold"]["compile"]
+    return out
+
+
+def diffusers_generation(src: pathlib.Path, args) -> dict[str, float]:
+    """diffusers' WanPipeline (float32, torch CPU) on the source repository: load and one generation
+    (the second call; the first creates oneDNN primitives) at the same size, steps and guidance."""
+    import torch
+    from diffusers import WanPipeline as DiffusersPipeline
+
+    t0 = time.perf_counter()
+    pipe = DiffusersPipeline.from_pretrained(src, torch_dtype=torch.float32)
+    load = time.perf_counter() - t0
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a red fox in the snow", height=args.height, width=args.width, num_frames=args.frames,
+              num_inference_steps=args.steps, guidance_scale=5.0, output_type="np")
+    pipe(**kw, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    pipe(**kw, generator=torch.Generator().manual_seed(0))
+    return {"load": load, "generation": time.perf_counter() - t0}
 
 
 def main(argv=None) -> int:
