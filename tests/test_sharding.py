@@ -272,3 +272,24 @@ def test_two_processes_match_one(tiny8, tmp_path):
     assert fc_in[0] and fc_in[1] and not fc_in[0] & fc_in[1]
     assert {int(c.split("/")[-1]) for c in fc_in[0]} == {0, 1, 2, 3}
     assert {int(c.split("/")[-1]) for c in fc_in[1]} == {4, 5, 6, 7}
+
+
+def test_padded_sequence_batch_of_one_and_step_caching(tiny8):
+    """18 tokens on 8 sequence shards (padded to 24, padded keys masked), a batch of one (guidance 1:
+    the data axis cannot split it) and the CFG cache (single-branch steps) give the one-device result."""
+    from wan_runtime import caching
+    from wan_runtime.pipeline import WanPipeline
+
+    def gen(pipe, **kw):
+        pipe("a fox", "blurry", height=48, width=48, num_frames=5, num_inference_steps=3, seed=0,
+             output_type="np", **kw)
+        return np.asarray(pipe.last_latents)
+
+    cases = [dict(guidance_scale=4.0), dict(guidance_scale=1.0),
+             dict(guidance_scale=4.0, cache=caching.CacheConfig(policy="cfg", cfg_interval=2))]
+    one = WanPipeline.from_converted(tiny8[W21], dtype="float32", compilation_cache="off")
+    ref = [gen(one, **c) for c in cases]
+    pipe = WanPipeline.from_converted(tiny8[W21], mesh="data=2,context=4", dtype="float32", compilation_cache="off",
+                                      context_attention="ring")
+    for case, want in zip(cases, ref):
+        np.testing.assert_allclose(gen(pipe, **case), want, atol=TOL, rtol=0, err_msg=str(case))
