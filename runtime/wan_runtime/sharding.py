@@ -1,9 +1,10 @@
 """Sharding as data: mesh shapes, logical-axis rules, partition specs and shard shapes.
 
 Params carry logical axis names (see :mod:`wan_runtime.format`); one rules table maps them to the
-mesh axes ``data, fsdp, context, tensor``. The arithmetic here is pure Python so the converter can
-lay out chunks for a target mesh without touching any device; only :func:`make_mesh` and
-:func:`named_sharding` import JAX.
+mesh axes ``data, fsdp, context, tensor``; activations have their own table and :class:`Layout`
+places their sharding constraints. The arithmetic here is pure Python so the converter can lay out
+chunks for a target mesh without touching any device; only :func:`make_mesh`,
+:func:`named_sharding` and :class:`Layout`'s methods import JAX.
 """
 from __future__ import annotations
 
