@@ -70,24 +70,30 @@ def format_mesh(mesh_shape: Mapping[str, int]) -> str:
 
 
 def partition_spec(shape: Sequence[int], axes: Sequence[str | None], mesh_shape: Mapping[str, int],
-                   rules: Mapping[str, str | None] = DEFAULT_RULES) -> tuple[str | None, ...]:
-    """Mesh axis per array dimension; a dimension stays replicated when its mesh axis has size one,
-    does not divide it, or is already used by an earlier dimension."""
+                   rules: Mapping[str, str | tuple[str, ...] | None] = DEFAULT_RULES) -> tuple:
+    """Mesh axes per array dimension (a rule may name one mesh axis or several, split jointly); a
+    dimension stays replicated when its mesh axes have size one, do not divide it, or one of them is
+    already used by an earlier dimension. Used for params (DEFAULT_RULES) and activations
+    (ACTIVATION_RULES) alike."""
     used: set[str] = set()
-    spec: list[str | None] = []
+    spec: list = []
     for dim, name in zip(shape, axes):
-        mesh_axis = rules.get(name) if name else None
-        size = mesh_shape.get(mesh_axis, 1) if mesh_axis else 1
-        if mesh_axis is None or size == 1 or dim % size or mesh_axis in used:
+        rule = rules.get(name) if name else None
+        mesh_axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if mesh_shape.get(a, 1) > 1)
+        size = math.prod(mesh_shape[a] for a in mesh_axes)
+        if not mesh_axes or dim % size or used & set(mesh_axes):
             spec.append(None)
         else:
-            spec.append(mesh_axis)
-            used.add(mesh_axis)
+            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+            used.update(mesh_axes)
     return tuple(spec)
 
 
 def shard_shape(shape: Sequence[int], spec: Sequence[str | None], mesh_shape: Mapping[str, int]) -> tuple[int, ...]:
-    return tuple(d // (mesh_shape[a] if a else 1) for d, a in zip(shape, spec))
+    def n(a):  # devices along one spec entry: None, a mesh axis, or a tuple of them
+        return 1 if a is None else mesh_shape[a] if isinstance(a, str) else math.prod(mesh_shape[x] for x in a)
+
+    return tuple(d // n(a) for d, a in zip(shape, spec))
 
 
 def chunk_shape(shape: Sequence[int], axes: Sequence[str | None], mesh_shape: Mapping[str, int],
@@ -187,15 +193,12 @@ class Layout:
 
     def axis_if_divides(self, name: str, dim: int):
         """PartitionSpec entry for one dimension: its mesh axes if they divide it, else None (replicated)."""
-        axes = self.axes(name)
-        if not axes or dim % self.count(name):
-            return None
-        return axes if len(axes) > 1 else axes[0]
+        return partition_spec((dim,), (name,), self.shape, ACTIVATION_RULES)[0]
 
     def spec(self, shape, names):
         from jax.sharding import PartitionSpec
 
-        return PartitionSpec(*(None if n is None else self.axis_if_divides(n, d) for d, n in zip(shape, names)))
+        return PartitionSpec(*partition_spec(shape, names, self.shape, ACTIVATION_RULES))
 
     def constrain(self, x, names):
         """``with_sharding_constraint`` by logical names (None = replicated dim); a no-op on one device."""
