@@ -23,13 +23,16 @@ FAMILIES = ("wan2.1-t2v", "wan2.1-i2v", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "w
 VOCAB_SIZE = 384
 
 #: model sizes: "tiny" (tests, the bundled demo), "tiny8" and "small" (benchmarks: big enough that compute,
-#: not dispatch, dominates; ~50M transformer params)
+#: not dispatch, dominates; ~50M transformer params). The tiny VAE has base_dim 8, not less: the Wan 2.1
+#: decoder's upsampling halves the channels, and at base_dim 3 one channel is left, whose RMS norm keeps
+#: only the sign, so decoded frames barely responded to the latents (a 0.01 latent change moved them
+#: 1e-5, which made whole-pipeline frame comparisons blind to guidance); at 8 they move ~5e-3.
 SIZES = {
     "tiny": dict(heads=2, head_dim=12, layers=2, ffn=32, text_dim=32, t5_layers=2, t5_ff=48, t5_heads=4, t5_kv=8,
-                 vae_base=3),
+                 vae_base=8),
     # tiny with 8 heads: context-parallel tests (Ulysses splits the heads over up to 8 devices)
     "tiny8": dict(heads=8, head_dim=12, layers=2, ffn=32, text_dim=32, t5_layers=2, t5_ff=48, t5_heads=4, t5_kv=8,
-                  vae_base=3),
+                  vae_base=8),
     "small": dict(heads=8, head_dim=64, layers=8, ffn=2048, text_dim=256, t5_layers=4, t5_ff=512, t5_heads=4,
                   t5_kv=64, vae_base=16),
 }
