@@ -12,3 +12,25 @@ for sub in ("runtime", "convert", "tools"):
     p = str(_root / sub)
     if p not in sys.path:
         sys.path.insert(0, p)
+
+
+# ---- measured figures: tests record what they measure (errors, PSNRs) with the `measured` fixture
+# (tests/conftest.py); at the end of the session they are merged into out/measured.json, from which
+# `python tools/report.py` renders the README's parity table. A subset run updates only its own keys.
+MEASURED: dict = {}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not MEASURED:
+        return
+    import json
+
+    path = pathlib.Path(os.environ.get("WAN_JAX_MEASURED", _root / "out" / "measured.json"))
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        old = {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**old, **MEASURED}, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)

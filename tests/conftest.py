@@ -21,3 +21,15 @@ def converted(tiny_repos, tmp_path_factory) -> dict[str, pathlib.Path]:
 
     root = tmp_path_factory.mktemp("converted")
     return {fam: convert(str(src), root / fam, hash_source=True).output for fam, src in tiny_repos.items()}
+
+
+@pytest.fixture(scope="session")
+def measured():
+    """``measured(key, value, **info)`` records a figure a test measured (a max abs error, a PSNR) under a
+    stable key such as "pipeline/wan2.1-t2v/latents_max_abs"; the session writes them to
+    out/measured.json (see the repo-root conftest.py) and tools/report.py renders the README from it."""
+    import conftest as root_conftest
+
+    def record(key: str, value: float, **info):
+        root_conftest.MEASURED[key] = {"value": float(value), **info}
+    return record

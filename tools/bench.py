@@ -36,6 +36,8 @@ import traceback
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "runtime"), str(ROOT / "convert"), str(ROOT / "tools")]
 
+from report import fmt  # noqa: E402  (one number format for the printed table and the README)
+
 SECTIONS = ("convert", "restore", "step", "generation", "vae", "caches")
 
 
@@ -170,14 +172,6 @@ def machine() -> dict:
         except md.PackageNotFoundError:
             info[pkg] = None
     return info
-
-
-def fmt(v) -> str:
-    if v is None:
-        return "-"
-    if abs(v) >= 100:
-        return f"{v:.0f}"
-    return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
 
 
 def print_table(rows: list[dict]) -> None:
