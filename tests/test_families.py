@@ -1,22 +1,48 @@
-"""Every Wan family through the one pipeline vs diffusers' pipelines (float32, same initial latents)."""
+"""Every Wan family through the one pipeline vs diffusers' pipelines (float32, same initial latents).
+
+Each case compares the final latents (diffusers ``output_type="latent"``) and the decoded frames (those
+latents decoded here with diffusers' own VAE and video processor, as its pipeline does). A sibling test
+proves the comparison can see what it guards: our pipeline with guidance off, another negative prompt,
+another guidance for the second expert, or the expert boundary one step later, lands >= 100x the
+tolerance away from diffusers, so a bug with the same effect cannot pass.
+"""
 import numpy as np
 import pytest
 
 from wan_convert.convert import convert
 from wan_runtime import schedulers
-from wan_runtime.pipeline import InputError, WanPipeline
+from wan_runtime.pipeline import DEFAULT_NEGATIVE, InputError, WanPipeline
 
-PROMPT, NEGATIVE = "a red fox runs through fresh snow", "blurry, static"
+STEPS, FRAMES, GUIDANCE, GUIDANCE_2 = 4, 9, 6.0, 2.0
+# Long prompts, on purpose. Text is padded to 512 tokens with zero embeddings, and the random tiny
+# transformer's cross-attention is near uniform, so a prompt of ~10 tokens reaches the output ~50x diluted:
+# guidance off then moved the final latents by only ~5e-4 relative L2, too little for the controls below to
+# stand 100 tolerances clear. With ~100 / ~200 tokens they move ~5-10x more. (A shorter max_sequence_length
+# would do it too, but diffusers' Wan 2.1 I2V attention hard-codes 512 text tokens to split off the CLIP ones.)
+PROMPT = ("A cat and a dog baking a cake together in a kitchen. The cat is carefully measuring flour, while the dog "
+          "is stirring the batter with a wooden spoon. The kitchen is cozy, with sunlight streaming through the window.")
+NEGATIVE = DEFAULT_NEGATIVE  # Wan's standard negative prompt
 
-# family -> (height, width, image?, extra diffusers kwargs, extra wan-jax kwargs)
+# case -> (family, height, width, image?)
 CASES = {
-    "wan2.2-t2v-a14b": (32, 48, False, {"guidance_scale_2": 3.0}, {"guidance_scale_2": 3.0}),
-    "wan2.2-ti2v-5b": (32, 64, False, {}, {}),
-    "wan2.2-ti2v-5b+image": (32, 64, True, {}, {}),
-    "wan2.1-i2v": (32, 48, True, {}, {}),
-    "wan2.2-i2v-a14b": (32, 48, True, {"guidance_scale_2": 3.0}, {"guidance_scale_2": 3.0}),
+    "wan2.2-t2v-a14b": ("wan2.2-t2v-a14b", 32, 48, False),
+    "wan2.2-ti2v-5b": ("wan2.2-ti2v-5b", 32, 64, False),
+    "wan2.2-ti2v-5b+image": ("wan2.2-ti2v-5b", 32, 64, True),
+    "wan2.1-i2v": ("wan2.1-i2v", 32, 48, True),
+    "wan2.2-i2v-a14b": ("wan2.2-i2v-a14b", 32, 48, True),
 }
-STEPS, FRAMES, GUIDANCE = 4, 9, 4.0
+
+# case -> tolerances (latents max abs, latents relative L2, frames max abs), each 10-30x the figure measured
+# on this machine (float32, UniPC, 4 steps, guidance 6 / 2), given beside each row in the same order: the
+# range over two runs (threaded float32 reductions: the figures vary up to ~2x run to run).
+TOL = {
+    "wan2.2-t2v-a14b": (4e-5, 1e-5, 3e-5),  # measured 2.5-3.3e-6, 6.7-7.3e-7, 0.8-2.0e-6
+    "wan2.2-ti2v-5b": (1e-4, 2e-5, 2e-5),  # measured 6.0-6.4e-6, 1.3e-6, 0.8-1.1e-6
+    "wan2.2-ti2v-5b+image": (1.2e-4, 2e-5, 1.5e-5),  # measured 4.6-7.6e-6, 1.3e-6, 6.6-7.2e-7
+    "wan2.1-i2v": (1.5e-4, 3e-5, 2e-5),  # measured 8.8-9.9e-6, 1.8-2.0e-6, 1.2e-6
+    "wan2.2-i2v-a14b": (6e-5, 1.5e-5, 3e-5),  # measured 3.6-4.3e-6, 0.9-1.0e-6, 1.0-2.0e-6
+}
+MOVE = 100  # a control must land at least this many tolerances away from diffusers
 
 
 def _image():
@@ -26,23 +52,42 @@ def _image():
     return Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
 
 
-def _diffusers(repo, family, latents, height, width, image, extra):
+def _latents(pipe, height, width):
+    z, s = pipe.vcfg.z_dim, pipe.vae_scale_spatial
+    shape = (1, z, (FRAMES - 1) // 4 + 1, height // s, width // s)
+    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+
+
+def _two_experts(family):
+    return family.endswith("a14b")
+
+
+def _diffusers_run(repo, family, latents, height, width, image):
+    """diffusers' final latents (output_type="latent") and those latents decoded as its pipeline does."""
     torch = pytest.importorskip("torch")
     from diffusers import WanImageToVideoPipeline, WanPipeline as DWan
 
-    pipe = DWan.from_pretrained(repo, dtype=torch.float32) if "-i2v" not in family else \
-        WanImageToVideoPipeline.from_pretrained(repo, dtype=torch.float32)
+    pipe = (WanImageToVideoPipeline if "-i2v" in family else DWan).from_pretrained(repo, dtype=torch.float32)
     if image is not None and family.startswith("wan2.2-ti2v"):
         comps = {k: v for k, v in pipe.components.items() if k in ("tokenizer", "text_encoder", "vae", "scheduler",
                                                                    "transformer", "transformer_2")}
         pipe = WanImageToVideoPipeline(**comps, expand_timesteps=True)
     pipe.set_progress_bar_config(disable=True)
     kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=height, width=width, num_frames=FRAMES,
-              num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=torch.from_numpy(latents), output_type="np",
-              max_sequence_length=512, **extra)
+              num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=torch.from_numpy(latents.copy()),
+              output_type="latent", max_sequence_length=512)
+    if _two_experts(family):
+        kw["guidance_scale_2"] = GUIDANCE_2
     if image is not None:
         kw["image"] = image
-    return np.asarray(pipe(**kw).frames[0], np.float32)
+    lat = pipe(**kw).frames
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        video = vae.decode(lat / inv_std + mean, return_dict=False)[0]
+    frames = pipe.video_processor.postprocess_video(video, output_type="np")[0]
+    return lat.numpy().astype(np.float32), np.asarray(frames, np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -57,32 +102,113 @@ def f32(tiny_repos, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def pipes(f32):
+    """One float32 WanPipeline per family, shared by every test here."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = WanPipeline.from_converted(f32(family), dtype="float32")
+        return cache[family]
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_repos, pipes):
+    """Per case: (initial latents, image, diffusers' final latents, diffusers' frames); one diffusers run each."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            family, height, width, with_image = CASES[case]
+            latents = _latents(pipes(family), height, width)
+            image = _image() if with_image else None
+            cache[case] = (latents, image, *_diffusers_run(tiny_repos[family], family, latents, height, width, image))
+        return cache[case]
+    return get
+
+
+def _ours(pipe, case, latents, image, negative=NEGATIVE, **kw):
+    family, height, width, _ = CASES[case]
+    if _two_experts(family):
+        kw.setdefault("guidance_scale_2", GUIDANCE_2)
+    kw.setdefault("guidance_scale", GUIDANCE)
+    frames = pipe(PROMPT, negative, height=height, width=width, num_frames=FRAMES, num_inference_steps=STEPS,
+                  latents=latents, image=image, max_sequence_length=512, **kw)
+    return np.asarray(pipe.last_latents, np.float32), np.asarray(frames, np.float32)
+
+
+def _errors(lat, frames, ref_lat, ref_frames):
+    assert lat.shape == ref_lat.shape and frames.shape == ref_frames.shape
+    d = (lat - ref_lat).astype(np.float64)
+    return (float(np.abs(d).max()), float(np.linalg.norm(d) / np.linalg.norm(ref_lat.astype(np.float64))),
+            float(np.abs(frames - ref_frames).max()))
+
+
+def _boundary(pipe):
+    sched = schedulers.make_schedule("unipc", STEPS, pipe.scheduler_config.get("flow_shift", 3.0))
+    return sched.timesteps, schedulers.expert_boundary_index(sched.timesteps, pipe.boundary_ratio)
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_family_matches_diffusers(case, tiny_repos, f32):
-    family = case.split("+")[0]
-    height, width, with_image, dkw, jkw = CASES[case]
-    pipe = WanPipeline.from_converted(f32(family), dtype="float32")
-    z, s = pipe.vcfg.z_dim, pipe.vae_scale_spatial
-    latents = np.random.default_rng(0).standard_normal((1, z, (FRAMES - 1) // 4 + 1, height // s, width // s),
-                                                       dtype=np.float32)
-    image = _image() if with_image else None
-    ours = pipe(PROMPT, NEGATIVE, height=height, width=width, num_frames=FRAMES, num_inference_steps=STEPS,
-                guidance_scale=GUIDANCE, latents=latents, image=image, **jkw)
-    if len(pipe.experts) == 2:  # the run really crosses the expert boundary
-        sched = schedulers.make_schedule("unipc", STEPS, pipe.scheduler_config.get("flow_shift", 3.0))
-        k = schedulers.expert_boundary_index(sched.timesteps, pipe.boundary_ratio)
+def test_family_matches_diffusers(case, pipes, reference, measured):
+    family = CASES[case][0]
+    pipe = pipes(family)
+    if _two_experts(family):  # the run really crosses the expert boundary
+        k = _boundary(pipe)[1]
         assert 0 < k < STEPS, k
-    ref = _diffusers(tiny_repos[family], family, latents, height, width, image, dkw)
-    assert ours.shape == ref.shape
-    err = float(np.abs(ours - ref).max())
-    print(f"{case}: max abs error {err:.2e}")
-    assert err <= 1e-3, f"{case}: max abs error {err}"
+    latents, image, ref_lat, ref_frames = reference(case)
+    lat_max, lat_rel, frames_max = _errors(*_ours(pipe, case, latents, image), ref_lat, ref_frames)
+    print(f"{case}: latents max abs {lat_max:.2e} rel L2 {lat_rel:.2e}; frames max abs {frames_max:.2e}")
+    info = dict(reference="diffusers float32", steps=STEPS, frames=FRAMES)
+    measured(f"pipeline/{case}/latents_max_abs", lat_max, **info)
+    measured(f"pipeline/{case}/latents_rel_l2", lat_rel, **info)
+    measured(f"pipeline/{case}/frames_max_abs", frames_max, **info)
+    tol_max, tol_rel, tol_frames = TOL[case]
+    assert lat_max <= tol_max, f"{case}: latents max abs error {lat_max}"  # measured: see TOL
+    assert lat_rel <= tol_rel, f"{case}: latents relative L2 error {lat_rel}"  # measured: see TOL
+    assert frames_max <= tol_frames, f"{case}: frames max abs error {frames_max}"  # measured: see TOL
 
 
-def test_image_required_and_refused(f32):
-    t2v = WanPipeline.from_converted(f32("wan2.2-t2v-a14b"), dtype="float32")
+@pytest.mark.parametrize("case", list(CASES))
+def test_family_controls_are_visible(case, pipes, reference, measured):
+    """Each setting the parity test guards, changed in OUR pipeline only, moves the latents and the frames
+    >= MOVE x the tolerance away from diffusers: a bug that drops the setting cannot pass the parity test."""
+    family = CASES[case][0]
+    pipe = pipes(family)
+    latents, image, ref_lat, ref_frames = reference(case)
+    controls = {
+        "guidance_off": dict(guidance_scale=1.0, guidance_scale_2=1.0),  # one unguided pass per step
+        "negative_prompt": dict(negative=""),  # what an ignored negative prompt encodes
+    }
+    if _two_experts(family):
+        controls["guidance_2"] = dict(guidance_scale_2=GUIDANCE)  # the low-noise expert given the first's guidance
+        controls["boundary_plus_1"] = dict(boundary_shift=1)
+    tol_max, tol_rel, tol_frames = TOL[case]
+    for name, kw in controls.items():
+        if kw.pop("boundary_shift", 0):  # one more step on the high-noise expert: ratio just under t[k]
+            timesteps, k = _boundary(pipe)
+            saved, pipe.boundary_ratio = pipe.boundary_ratio, (float(timesteps[k]) - 0.5) / 1000
+            try:
+                assert _boundary(pipe)[1] == k + 1
+                out = _ours(pipe, case, latents, image, **kw)
+            finally:
+                pipe.boundary_ratio = saved
+        else:
+            out = _ours(pipe, case, latents, image, **kw)
+        lat_max, lat_rel, frames_max = _errors(*out, ref_lat, ref_frames)
+        print(f"{case} {name}: latents max abs {lat_max:.2e} rel L2 {lat_rel:.2e}; frames max abs {frames_max:.2e}")
+        measured(f"pipeline/{case}/{name}_frames_moved", frames_max, steps=STEPS, control=True)
+        assert lat_max >= MOVE * tol_max, f"{case} {name}: latents moved only {lat_max}"
+        assert lat_rel >= MOVE * tol_rel, f"{case} {name}: latents moved only {lat_rel} (rel L2)"
+        assert frames_max >= MOVE * tol_frames, f"{case} {name}: frames moved only {frames_max}"
+
+
+def test_image_required_and_refused(pipes):
+    t2v = pipes("wan2.2-t2v-a14b")
     with pytest.raises(InputError, match="--image"):
         t2v(PROMPT, height=32, width=48, num_frames=5, num_inference_steps=1, image=_image())
-    i2v = WanPipeline.from_converted(f32("wan2.2-i2v-a14b"), dtype="float32")
+    i2v = pipes("wan2.2-i2v-a14b")
     with pytest.raises(InputError, match="--image"):
         i2v(PROMPT, height=32, width=48, num_frames=5, num_inference_steps=1)

@@ -1,0 +1,89 @@
+"""The default bf16 path against the float32 path, for every family.
+
+bf16: the default conversion (bf16 weights, the `converted` fixture) run with the default dtypes (bf16
+transformer and text encoder, float32 VAE and scheduler). float32: a float32 conversion run with
+``dtype="float32"``. Same initial latents, same image; PSNR of the uint8 frames (peak 255).
+(Random tiny weights: this checks the bf16 path end to end, not real-model quality.)
+"""
+import jax
+import numpy as np
+import pytest
+
+from wan_convert.convert import convert
+from wan_runtime.pipeline import WanPipeline
+
+PROMPT, NEGATIVE = "a small robot walks along a busy city street at night", "blurry, static"
+STEPS, FRAMES = 4, 5
+
+# family -> (height, width, image?): every family, with an image where it takes one
+CASES = {
+    "wan2.1-t2v": (32, 48, False),
+    "wan2.1-i2v": (32, 48, True),
+    "wan2.2-t2v-a14b": (32, 48, False),
+    "wan2.2-i2v-a14b": (32, 48, True),
+    "wan2.2-ti2v-5b": (32, 64, True),
+}
+# measured 52.6 (wan2.1-t2v), 56.6 (wan2.1-i2v), 54.8 (wan2.2-t2v-a14b), 54.8 (wan2.2-i2v-a14b), 58.1 dB
+# (wan2.2-ti2v-5b, with image): the floor is ~3 dB under the lowest
+PSNR_FLOOR_DB = 49.5
+
+
+def _image():
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    return Image.fromarray(rng.integers(0, 256, (48, 72, 3), dtype=np.uint8))
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+@pytest.fixture(scope="module")
+def f32_checkpoints(tiny_repos, tmp_path_factory):
+    """family -> a float32 conversion of the tiny repo, made on first use and shared by the module."""
+    root = tmp_path_factory.mktemp("bf16-vs-f32")
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = convert(str(tiny_repos[family]), root / family, weights_dtype="float32").output
+        return cache[family]
+    return get
+
+
+def _run(pipe, family, latents, image):
+    height, width, _ = CASES[family]
+    kw = dict(guidance_scale_2=3.0) if len(pipe.experts) == 2 else {}
+    return pipe(PROMPT, NEGATIVE, height=height, width=width, num_frames=FRAMES, num_inference_steps=STEPS,
+                guidance_scale=5.0, latents=latents, image=image, output_type="uint8", **kw)
+
+
+def _weight_dtypes(pipe):
+    return {str(a.dtype) for a in jax.tree.leaves(pipe.params["transformer"])}
+
+
+def test_psnr_helper():
+    a = np.zeros((2, 4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0, 0] = 255  # mse = 255^2 / 96 -> 10 log10(96)
+    assert abs(psnr_db(a, b) - 10 * np.log10(96)) < 1e-9
+    assert psnr_db(a, a) == float("inf")
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_bf16_close_to_float32(family, converted, f32_checkpoints, measured):
+    height, width, with_image = CASES[family]
+    image = _image() if with_image else None
+    bf16 = WanPipeline.from_converted(converted[family])  # the defaults
+    f32 = WanPipeline.from_converted(f32_checkpoints(family), dtype="float32")
+    assert "bfloat16" in _weight_dtypes(bf16) and bf16.dtypes.transformer == "bfloat16"
+    assert _weight_dtypes(f32) == {"float32"} and f32.dtypes.transformer == "float32"
+    latents = np.random.default_rng(0).standard_normal(bf16.latent_shape(height, width, FRAMES), dtype=np.float32)
+    ours, ref = _run(bf16, family, latents, image), _run(f32, family, latents, image)
+    assert ours.dtype == ref.dtype == np.uint8 and ours.shape == ref.shape == (FRAMES, height, width, 3)
+    psnr = psnr_db(ours, ref)
+    print(f"{family}: bf16 vs float32 PSNR {psnr:.1f} dB")
+    measured(f"bf16/{family}/psnr_db", psnr, steps=STEPS, frames=FRAMES, height=height, width=width)
+    assert psnr >= PSNR_FLOOR_DB, f"{family}: PSNR {psnr:.1f} dB"  # measured 52.6-58.1 dB (see PSNR_FLOOR_DB)
