@@ -103,7 +103,7 @@ def test_sharded_layout_and_plain_orbax_restore(tiny_repos, tmp_path):
         expect = tuple(1 if a == "layers" else d for a, d in zip(leaf.axes, shard))
         assert chunk == expect, path
         sharded += shard != leaf.shape
-    assert sharded >= 10  # the attention / FFN weights really are split
+    assert sharded >= 10  # the attention / FFN weights really are split (measured: 25 leaves)
     # plain orbax: numpy restore without a target, and a sharded restore with one
     restored = ocp.PyTreeCheckpointer().restore(out / "transformer")
     w = restored["blocks"]["attn1"]["to_q"]["weight"]
@@ -191,3 +191,139 @@ def test_hub_repo_id_from_local_cache(tiny_repos, tmp_path, monkeypatch):
     assert m["source"]["id"] == "Wan-AI/Tiny-Wan-Diffusers" and m["source"]["revision"] == commit
     with pytest.raises(SourceError, match="Wan-AI/Missing"):
         resolve("Wan-AI/Missing")
+
+
+# ---------------------------------------------------------------- corner values of the cast
+#: float32 bit patterns written into source tensors; each must convert to the bits torch's
+#: ``.to(torch.bfloat16)`` / ``.to(torch.float16)`` gives.
+CORNERS = {
+    # bfloat16 keeps the top 16 bits: a low half of 0x8000 is an exact tie, rounded to the even neighbour
+    0x3F808000: "1 + 2^-8: bf16 tie, even neighbour below (down to 1.0)",
+    0x3F818000: "1 + 3 * 2^-8: bf16 tie, even neighbour above (up)",
+    0xBF808000: "negative tie, rounds toward zero",
+    0xBF818000: "negative tie, rounds away from zero",
+    0x3FFF8000: "tie whose rounding carries into the exponent (up to 2.0)",
+    0x3F808001: "one bit above a tie (up)",
+    0x3F817FFF: "one bit below a tie (down)",
+    0x7F7F7FFF: "rounds to the largest finite bf16",
+    0x7F7F8000: "tie above the largest finite bf16: overflows to +inf",
+    0x7F7FFFFF: "largest finite float32: overflows to +inf",
+    0xFF7FFFFF: "most negative finite float32: overflows to -inf",
+    0x7F800000: "+inf",
+    0xFF800000: "-inf",
+    0x00000000: "+0",
+    0x80000000: "-0",
+    0x00000001: "smallest float32 denormal: to +0",
+    0x80000001: "smallest negative float32 denormal: to -0",
+    0x00008000: "denormal tie, even neighbour below (to +0)",
+    0x00018000: "denormal tie, even neighbour above (to the bf16 denormal 0x0002)",
+    0x00010000: "a bf16 denormal, exact",
+    0x00123456: "rounds to a bf16 denormal",
+    0x807FFFFF: "largest negative float32 denormal: up to the smallest normal bf16",
+    # float16 (the --dtype float16 target): 10 mantissa bits, largest finite 65504, denormals below 2^-14
+    0x3F801000: "1 + 2^-11: float16 tie, down",
+    0x3F803000: "1 + 3 * 2^-11: float16 tie, up",
+    0xBF803000: "negative float16 tie, away from zero",
+    0x477FEFFF: "just below 65520: to 65504, the largest finite float16",
+    0x477FF000: "65520: float16 tie above the largest finite: +inf",
+    0xC77FF000: "-65520: -inf in float16",
+    0x47800000: "65536: +inf in float16",
+    0x33000000: "2^-25: float16 denormal tie, to +0",
+    0x33C00000: "3 * 2^-25: float16 denormal tie, up to 2^-23",
+    0x33800000: "2^-24: the smallest float16 denormal",
+    0x387FF000: "just below 2^-14: up out of the float16 denormals to the smallest normal",
+}
+NANS = {
+    0x7FC00000: "quiet NaN",
+    0xFFC00000: "negative quiet NaN",
+    0x7FC00001: "quiet NaN, lowest payload bit (below the bf16 and float16 mantissas)",
+    0x7FFFFFFF: "quiet NaN, every payload bit",
+    0x7F800001: "signalling NaN, lowest payload bit (a rounding bit trick turns it into +inf)",
+    0x7FA00000: "signalling NaN, high payload bit",
+    0xFF800001: "negative signalling NaN",
+}
+#: source tensors that get the corner values: a layer of a stacked leaf, a whole unstacked leaf, and a
+#: leaf kept in float32 (which must keep every bit, NaN payloads included)
+CORNER_TENSORS = ("blocks.1.ffn.net.0.proj.weight", "proj_out.weight",
+                  "condition_embedder.time_embedder.linear_1.weight")
+
+
+def _write_corners(repo: pathlib.Path, dest: pathlib.Path) -> tuple[pathlib.Path, dict, np.ndarray]:
+    """A copy of ``repo`` whose CORNER_TENSORS hold every corner and NaN pattern at spread-out positions,
+    rewritten with safetensors' own writer (same names, shapes and files: the shard index stays valid)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    src = pathlib.Path(shutil.copytree(repo, dest))
+    folder = src / "transformer"
+    weight_map = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())["weight_map"]
+    bits = np.array([*CORNERS, *NANS], np.uint32)
+    positions = {}
+    for file in sorted({weight_map[n] for n in CORNER_TENSORS}):
+        with safe_open(folder / file, "np") as f:
+            metadata = f.metadata()
+        tensors = load_file(folder / file)
+        for name in (n for n in CORNER_TENSORS if weight_map[n] == file):
+            t = np.array(tensors[name], copy=True)
+            assert t.dtype == np.float32 and t.size >= 4 * len(bits), (name, t.dtype, t.shape)
+            pos = np.linspace(0, t.size - 1, len(bits)).astype(np.int64)
+            t.reshape(-1).view(np.uint32)[pos] = bits
+            tensors[name], positions[name] = t, pos
+        save_file(tensors, folder / file, metadata=metadata)
+    return src, positions, bits
+
+
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered in cast:RuntimeWarning")  # inf / NaN input
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cast_corner_values(dtype, tiny_repos, tmp_path):
+    """Rounding ties both ways and both signs, overflow to inf, denormals, +-0, +-inf and NaNs written into
+    the safetensors of a tiny repo: every non-NaN converts to torch's bits exactly, a NaN stays a NaN
+    with its sign (see below for the payload), kept-float32 leaves keep every bit; verify --source passes."""
+    torch = pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from wan_convert.cli import main
+
+    ties = [b for b in CORNERS if b & 0xFFFF == 0x8000]  # the bf16 ties cover both directions and signs
+    assert {(b >> 31, (b >> 16) & 1) for b in ties} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    src, positions, bits = _write_corners(tiny_repos["wan2.1-t2v"], tmp_path / "src")
+    out = convert(str(src), tmp_path / "ck", weights_dtype=dtype, only=["transformer"], hash_source=False).output
+    comp = Component(src / "transformer")
+    tree = fmt.component_tree("transformer", comp.config, dtype)
+    where = {info.name: (tgt, i) for tgt in plan("transformer", comp.tensors, tree) for i, info in enumerate(tgt.sources)}
+    kinds = set()
+    for name, pos in positions.items():
+        source = comp.array(name).reshape(-1)
+        assert np.array_equal(source.view(np.uint32)[pos], bits), name  # the converter reads the corners
+        tgt, i = where[name]
+        stored = _read(out / "transformer", tgt.path)
+        stored = (stored[i] if tgt.stacked else stored).reshape(-1)
+        kinds.add(tgt.leaf.dtype)
+        if tgt.leaf.dtype == "float32":  # kept float32: the source bits, signalling NaN payloads included
+            assert np.array_equal(stored.view(np.uint32), source.view(np.uint32)), name
+            continue
+        assert tgt.leaf.dtype == dtype, (name, tgt.leaf.dtype)
+        got = stored.view(np.uint16)
+        ref = torch.from_numpy(source.copy()).to(getattr(torch, dtype)).view(torch.int16).numpy().view(np.uint16)
+        nan = np.isnan(source)
+        assert int(nan.sum()) == len(NANS), name
+        wrong = np.flatnonzero((got != ref) & ~nan)
+        assert wrong.size == 0, [(hex(source.view(np.uint32)[j]), hex(got[j]), hex(ref[j])) for j in wrong[:8]]
+        # NaN: torch is not an oracle for the payload. Measured with torch 2.13 (CPU): .to(bfloat16) writes
+        # 0xFFFF for every NaN (a negative NaN, the sign lost); .to(float16) (F16C) quiets signalling NaNs.
+        # We cast with numpy / ml_dtypes: bfloat16 gets the canonical quiet NaN with the source's sign;
+        # float16 keeps the sign and the payload's top 10 bits (a zero one becomes 1), so a quiet NaN gets
+        # torch's bits and a signalling NaN stays signalling. Either way a NaN stays a NaN, never an inf.
+        s = source.view(np.uint32)[nan]
+        sign = ((s >> 31) << 15).astype(np.uint16)
+        if dtype == "bfloat16":
+            expect = sign | 0x7FC0
+        else:
+            expect = sign | 0x7C00 | np.maximum((s & 0x7FFFFF) >> 13, 1).astype(np.uint16)
+            quiet = (s & 0x400000) != 0
+            assert np.array_equal(got[nan][quiet], ref[nan][quiet])
+        assert np.array_equal(got[nan], expect), ([hex(x) for x in s], [hex(x) for x in got[nan]])
+        assert np.all(np.isnan(ref[nan].view(np.float16 if dtype == "float16" else fmt.np_dtype("bfloat16"))))
+    assert kinds == {dtype, "float32"}
+    r = CliRunner().invoke(main, ["verify", str(out), "--source", str(src)], prog_name="wan-convert")
+    assert r.exit_code == 0 and "bit for bit" in r.output, r.output

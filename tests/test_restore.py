@@ -50,7 +50,7 @@ def test_direct_equals_tensorstore_on_8_devices(tiny_repos, converted, tmp_path,
     direct = _restore(ck, "transformer", mesh, True)
     _assert_same(direct, _restore(ck, "transformer", mesh, False))
     assert sum(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
-               for x in direct.values()) >= 10  # really split
+               for x in direct.values()) >= 10  # really split (measured: 25 of the 42 leaves, either layout)
 
 
 def _copy(converted, tmp_path):
@@ -146,7 +146,9 @@ def test_mapped_chunks(tmp_path, monkeypatch):
             _assert_same(direct, _restore(ck, "transformer", mesh, True))
         assert len(mapped) == n_mapped  # nothing mapped without mmap
         if (ck == one) == (mesh is not mesh8):  # chunks laid out for this mesh: the weights are mapped
-            assert n_mapped >= 16, n_mapped
+            # measured: 35 chunks mapped on one device, 190 on 8; the bound is the 2 layers x 8 attention
+            # matrices, once per shard
+            assert n_mapped >= 16 * len(mesh.devices.flat), n_mapped
     chunk = one / "transformer" / "blocks.attn1.to_q.weight" / "c" / "1" / "0" / "0"
     data = bytearray(chunk.read_bytes())
     assert (len(data) - 4) % C._PAGE == 0

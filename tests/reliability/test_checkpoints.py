@@ -1,5 +1,6 @@
 """Damaged or foreign checkpoints: a flipped byte, a truncated or missing chunk, a missing array, a
-manifest of another format version or family, a partial checkpoint. wan-run, the Python API
+manifest of another format version or family, a partial checkpoint; a flipped byte or a truncation in a
+chunk file that restore maps into memory (the path real weight matrices take). wan-run, the Python API
 (``WanPipeline.from_converted``) and ``wan-convert verify`` name the file or array; nothing is silent."""
 import json
 import shutil
@@ -172,3 +173,105 @@ def test_converted_arrays_are_complete(ck):
             grid = [-(-n // c) for n, c in zip(leaf.shape, arr.chunk_layout.read_chunk.shape)]
             files = [p for p in (ck / component / path / "c").rglob("*") if p.is_file()] if leaf.shape else []
             assert len(files) == int(np.prod(grid)), (component, path)
+
+
+# ---------------------------------------------------------------- mapped chunks (the path real weights take)
+#: a Wan 2.1 T2V repo as tiny as the others except the transformer width: dim 2 x 64 and FFN 64 make every
+#: per-layer chunk of a block weight whole 4 KiB pages in bf16 (fc_in: 64 x 128 x 2 B = 16 KiB), so
+#: restore maps those chunk files into the stacked buffers instead of reading them (checkpoint._map_chunk)
+PAGE_SIZE = dict(heads=2, head_dim=64, layers=2, ffn=64, text_dim=32, t5_layers=2, t5_ff=48, t5_heads=4, t5_kv=8,
+                 vae_base=8)
+MAPPED = ("transformer", "blocks.ffn.fc_in.weight", "c/1/0/0")  # layer 1: a chunk in the middle of its buffer
+
+
+@pytest.fixture(scope="module")
+def paged(tmp_path_factory):
+    """The page-sized repo, converted for one device (every chunk a contiguous run of its shard)."""
+    import make_tiny_checkpoint as mtc
+    from wan_convert.convert import convert
+
+    root = tmp_path_factory.mktemp("paged")
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(mtc.SIZES, "page", PAGE_SIZE)
+        src = mtc.write("wan2.1-t2v", root / "src", seed=0, size="page")
+    return convert(str(src), root / "ck", hash_source=False).output
+
+
+@pytest.fixture
+def map_calls(monkeypatch):
+    """{chunk file: what checkpoint._map_chunk did with it}: True (mapped), False (the kernel refused;
+    then read), or the text of the error it raised."""
+    from wan_runtime import checkpoint as C
+
+    if C._MMAP is None:
+        pytest.skip("chunk files are mapped on Linux x86-64 / aarch64 only")
+    calls, real = {}, C._map_chunk
+
+    def spy(file, dest):
+        try:
+            calls[file] = real(file, dest)
+        except C._ChunkError as e:
+            calls[file] = str(e)
+            raise
+        return calls[file]
+
+    monkeypatch.setattr(C, "_map_chunk", spy)
+    return calls
+
+
+def _load_paged(ck):
+    from wan_runtime.pipeline import WanPipeline
+
+    return WanPipeline.from_converted(ck, mesh="data=1", dtype="float32")
+
+
+def test_paged_weights_are_mapped(paged, tmp_path, map_calls):
+    """The premise of the damage tests below: restore maps the block weights' chunks, this one included."""
+    from wan_runtime import checkpoint as C
+
+    ck = shutil.copytree(paged, tmp_path / "ck")
+    chunk = ck.joinpath(*MAPPED)
+    assert (chunk.stat().st_size - 4) % C._PAGE == 0 and chunk.stat().st_size - 4 >= 2 * C._PAGE
+    pipe = _load_paged(ck)
+    assert pipe.params["transformer"]["blocks"]["ffn"]["fc_in"]["weight"].shape == (2, 64, 128)
+    assert map_calls.get(chunk) is True, sorted(map_calls.items())[:4]
+    # every per-layer chunk of every bf16 block matrix is mapped (measured: 2 layers x 10 = 20: q, k, v, out of
+    # both attentions, fc_in, fc_out); biases and float32 norms are smaller than a page and are read
+    cfg = json.loads((ck / "transformer" / "config.json").read_text())
+    matrices = [p for p, leaf in fmt.flatten(fmt.component_tree("transformer", cfg)).items()
+                if p.startswith("blocks.") and leaf.dtype == "bfloat16" and len(leaf.shape) == 3]
+    want = {ck / "transformer" / p / "c" / str(i) / "0" / "0" for p in matrices for i in range(2)}
+    assert len(want) == 20 and want <= {f for f, ok in map_calls.items() if ok is True}, len(want)
+
+
+def _flip_middle(path):
+    raw = bytearray(path.read_bytes())
+    raw[(len(raw) - 4) // 2] ^= 0x10  # a data byte half-way through the chunk (its third of four pages)
+    path.write_bytes(bytes(raw))
+
+
+def _cut_tail(path):
+    path.write_bytes(path.read_bytes()[:-6])  # the crc32c and the last data bytes
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_damaged_mapped_chunk(damage, paged, tmp_path, map_calls):
+    """A flipped byte in the middle of a mapped chunk, or a truncated one, fails restore (Python API and
+    wan-run) with one line naming the component, the array and the chunk."""
+    from wan_runtime.checkpoint import _PAGE
+
+    ck = shutil.copytree(paged, tmp_path / "ck")
+    chunk = ck.joinpath(*MAPPED)
+    size = chunk.stat().st_size
+    (_flip_middle if damage == "flipped" else _cut_tail)(chunk)
+    why = "crc32c mismatch" if damage == "flipped" else f"{size - 6} bytes, expected {size}"
+    where = f"{MAPPED[0]}/{MAPPED[1]}: unreadable or corrupt (chunk {MAPPED[2]}: {why})"
+    with pytest.raises(CheckpointError) as e:
+        _load_paged(ck)
+    assert where in str(e.value) and "\n" not in str(e.value), str(e.value)
+    # the mapped path saw this chunk: a flipped byte is found by the checksum of the mapped pages (the
+    # error is raised after the mapping), a short file before mapping (it would fault past its end)
+    assert map_calls.get(chunk) == why, (map_calls.get(chunk), (size - 4) // _PAGE)
+    r = run_cli("wan-run", "--checkpoint", ck, *RUN, "--mesh", "data=1", "--output", tmp_path / "x.npy")
+    assert_one_line_error("wan-run", r.returncode, r.stderr, where)
+    assert not (tmp_path / "x.npy").exists()
