@@ -18,7 +18,7 @@ from wan_runtime import image
 from wan_runtime.models import clip
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RTOL = 1e-5
+RTOL = 3e-6  # float32 CLIP tower vs transformers, relative L2: measured 1.3e-7 (quick_gelu), 1.7e-7 (gelu)
 
 
 def _tools():
@@ -58,7 +58,7 @@ def _gelu_clip():
     return _perturb(CLIPVisionModelWithProjection(cfg).eval(), seed=2)
 
 
-def _check_tower(enc, batch):
+def _check_tower(enc, batch, measured, case):
     cfg_dict = enc.config.to_dict()
     params = tree_from_state_dict("image_encoder", {k: v.detach().numpy() for k, v in enc.state_dict().items()},
                                   cfg_dict, "float32")
@@ -72,23 +72,36 @@ def _check_tower(enc, batch):
     ours = jax.jit(lambda p, x: clip.encode_image(p, cfg, x))(params, jnp.asarray(pixels.numpy()))
     assert ours.shape == ref.shape == (batch, cfg.num_patches + 1, cfg.hidden_size) and ours.dtype == jnp.float32
     err = rel_err(ours, ref)
+    measured(f"component/clip/{case}/rel_l2", err)
     assert err <= RTOL, err
-    # The last layer must not run: the final hidden state is a different tensor.
+    # The last layer must not run: the final hidden state is a different tensor (measured 0.71 / 0.24 from the
+    # penultimate one, so the parity bound above would catch a tower that ran it).
     assert rel_err(out.hidden_states[-1].numpy(), ref) > 1e-2
     return params, cfg, pixels, ref
 
 
-def test_tower_quick_gelu(tiny_clip):
+def test_tower_quick_gelu(tiny_clip, tmp_path, measured):
     enc, _ = tiny_clip
     assert enc.config.hidden_act == "quick_gelu"
-    params, cfg, pixels, ref = _check_tower(enc, batch=2)
-    # bfloat16 compute: same result up to bf16 rounding.
-    bf = clip.encode_image(params, cfg, jnp.asarray(pixels.numpy()), dtype=jnp.bfloat16)
-    assert bf.dtype == jnp.float32 and rel_err(bf, ref) < 3e-2
+    params, cfg, pixels, ref = _check_tower(enc, 2, measured, "quick_gelu")
+    # The default bf16 path (bf16 weights, bf16 compute) is no further from the float32 oracle than transformers'
+    # own bf16 model (from_pretrained(torch_dtype=bfloat16)): measured 5.0e-3 vs 5.0e-3 (ratio 1.01). bf16
+    # rounding (2^-8 = 3.9e-3 per op) dominates both, so the bound is a ratio to the reference's error in this run.
+    params16 = tree_from_state_dict("image_encoder", {k: v.detach().numpy() for k, v in enc.state_dict().items()},
+                                    enc.config.to_dict(), "bfloat16")
+    bf = clip.encode_image(params16, cfg, jnp.asarray(pixels.numpy()), dtype=jnp.bfloat16)
+    enc.save_pretrained(tmp_path)
+    with torch.no_grad():
+        ref16 = CLIPVisionModelWithProjection.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)(
+            pixel_values=pixels.bfloat16(), output_hidden_states=True).hidden_states[-2].float().numpy()
+    ours, theirs = rel_err(bf, ref), rel_err(ref16, ref)
+    measured("bf16/component/clip/rel_l2", ours)
+    measured("bf16/component/clip/transformers_rel_l2", theirs)
+    assert bf.dtype == jnp.float32 and ours <= 1.5 * theirs, (ours, theirs)
 
 
-def test_tower_gelu_three_layers():
-    _check_tower(_gelu_clip(), batch=1)
+def test_tower_gelu_three_layers(measured):
+    _check_tower(_gelu_clip(), 1, measured, "gelu_3_layers")
 
 
 def test_config_from_full_clip_config(tiny_clip):

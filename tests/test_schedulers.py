@@ -15,7 +15,10 @@ KINDS = ("unipc", "euler")
 STEPS = (1, 2, 3, 5, 10, 20, 50)
 SHIFTS = (3.0, 5.0, 12.0)
 SHAPE = (1, 16, 3, 8, 10)  # (B, C, F, H, W) latents
-RTOL = 1e-5
+# Worst step of a trajectory vs diffusers, relative L2. Measured: Euler 2.7e-8 - 4.9e-8 at every step count;
+# UniPC grows with the step count as float32 rounding accumulates through its multistep history (4.6e-8 at
+# 1 step, 2.0e-7 at 20, 3.6e-7 at 50), so its bound is set on the 50-step figure.
+RTOL = {"unipc": 5e-6, "euler": 1e-6}
 
 
 def diffusers_scheduler(kind, num_steps, shift):
@@ -101,7 +104,7 @@ def test_timesteps_and_sigmas_match(kind, num_steps, shift):
 @pytest.mark.parametrize("shift", SHIFTS)
 @pytest.mark.parametrize("num_steps", STEPS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_trajectory_matches_diffusers(kind, num_steps, shift):
+def test_trajectory_matches_diffusers(kind, num_steps, shift, measured):
     ref = torch_trajectory(kind, num_steps, shift)
     got = jax_trajectory(kind, num_steps, shift)
     assert got.shape == ref.shape and got.dtype == np.float32
@@ -110,9 +113,12 @@ def test_trajectory_matches_diffusers(kind, num_steps, shift):
         ref.reshape(num_steps, -1), axis=1
     )
     max_abs = np.abs(got - ref).reshape(num_steps, -1).max(axis=1)
-    bad = np.nonzero(rel > RTOL)[0]
+    # the worst step of the trajectory; latents are ~N(0, 1) (scale: the largest |value| of the reference)
+    measured(f"component/scheduler/{kind}/steps{num_steps}_shift{shift:g}/max_abs", max_abs.max(),
+             rel_l2=float(rel.max()), scale=float(np.abs(ref).max()))
+    bad = np.nonzero(rel > RTOL[kind])[0]
     assert bad.size == 0, (
-        f"{kind} N={num_steps} shift={shift}: steps {bad.tolist()} exceed rel L2 {RTOL}; "
+        f"{kind} N={num_steps} shift={shift}: steps {bad.tolist()} exceed rel L2 {RTOL[kind]}; "
         f"rel={np.array2string(rel, precision=2)} max_abs={np.array2string(max_abs, precision=2)}"
     )
 

@@ -17,7 +17,7 @@ from wan_runtime import text
 from wan_runtime.models import umt5
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RTOL = 1e-5
+RTOL = 5e-6  # float32 UMT5 vs transformers, relative L2: measured 3.1e-7 (encoder), 3.3e-7 (encode_prompt)
 
 PROMPTS = [
     "A cat and a dog baking a cake together in a kitchen.",
@@ -100,7 +100,7 @@ def test_relative_position_buckets(encoder):
     np.testing.assert_array_equal(umt5.relative_position_buckets(S, S, cfg.num_buckets, cfg.max_distance), ref)
 
 
-def test_encoder_matches_transformers(encoder):
+def test_encoder_matches_transformers(encoder, tmp_path, measured):
     model, params, cfg = encoder
     rng = np.random.default_rng(0)
     B, S = 3, 16
@@ -112,13 +112,27 @@ def test_encoder_matches_transformers(encoder):
     enc = jax.jit(umt5.encode, static_argnames=("cfg", "dtype"))
     out = enc(params, cfg, ids, mask, dtype=jnp.float32)
     assert out.dtype == jnp.float32 and out.shape == (B, S, cfg.d_model)
-    assert rel_err(out, ref) <= RTOL
-    # bfloat16 compute: same function, low-precision path (loose sanity bound, not a parity claim)
-    out16 = enc(params, cfg, ids, mask, dtype=jnp.bfloat16)
-    assert out16.dtype == jnp.float32 and rel_err(out16, ref) < 3e-2
+    err = rel_err(out, ref)
+    measured("component/umt5/rel_l2", err)
+    assert err <= RTOL, err
+    # The default bf16 path (bf16 weights, bf16 compute) is no further from the float32 oracle than transformers'
+    # own bf16 model (from_pretrained(torch_dtype=bfloat16)): measured 6.7e-3 vs 8.0e-3 (ratio 0.83). bf16
+    # rounding (2^-8 = 3.9e-3 per op) dominates both, so the bound is a ratio to the reference's error in this run.
+    params16 = jax.tree.map(jnp.asarray, tree_from_state_dict(
+        "text_encoder", {k: v.detach().numpy() for k, v in model.state_dict().items()}, model.config.to_dict(),
+        "bfloat16"))
+    out16 = enc(params16, cfg, ids, mask, dtype=jnp.bfloat16)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        ref16 = type(model).from_pretrained(tmp_path, torch_dtype=torch.bfloat16)(
+            torch.from_numpy(ids).long(), torch.from_numpy(mask).long()).last_hidden_state.float().numpy()
+    ours, theirs = rel_err(out16, ref), rel_err(ref16, ref)
+    measured("bf16/component/umt5/rel_l2", ours)
+    measured("bf16/component/umt5/transformers_rel_l2", theirs)
+    assert out16.dtype == jnp.float32 and ours <= 1.5 * theirs, (ours, theirs)
 
 
-def test_encode_prompts_matches_diffusers(tools, tokenizers, encoder):
+def test_encode_prompts_matches_diffusers(tools, tokenizers, encoder, measured):
     hf, ours = tokenizers
     model, params, cfg = encoder
     pipe = WanPipeline(tokenizer=hf, text_encoder=model, vae=tools.build_vae(False), transformer=None,
@@ -130,8 +144,10 @@ def test_encode_prompts_matches_diffusers(tools, tokenizers, encoder):
     emb, counts, truncated = text.encode_prompts(params, cfg, ours, PROMPTS + NEGATIVE, max_length=16)
     n = len(PROMPTS)
     assert emb.shape == (2 * n, 16, cfg.d_model) and emb.dtype == jnp.float32
-    for got, ref in ((emb[:n], pos.numpy()), (emb[n:], neg.numpy())):
-        assert rel_err(got, ref) <= RTOL
+    for which, got, ref in (("positive", emb[:n], pos.numpy()), ("negative", emb[n:], neg.numpy())):
+        err = rel_err(got, ref)
+        measured(f"component/umt5/encode_prompt_{which}/rel_l2", err)
+        assert err <= RTOL, (which, err)
         np.testing.assert_array_equal(np.asarray(got) == 0, ref == 0)  # same zeroed tail
     cleaned = [text.prompt_clean(p) for p in PROMPTS + NEGATIVE]
     full = np.array([len(x) for x in hf(cleaned, add_special_tokens=True)["input_ids"]])
@@ -140,13 +156,13 @@ def test_encode_prompts_matches_diffusers(tools, tokenizers, encoder):
     assert truncated.any() and not truncated.all()
 
 
-def test_batched_equals_separate(tokenizers, encoder):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the pipeline's default text-encoder dtype
+def test_batched_equals_separate(tokenizers, encoder, dtype):
     _, ours = tokenizers
     _, params, cfg = encoder
-    both, _, _ = text.encode_prompts(params, cfg, ours, PROMPTS + NEGATIVE, max_length=16)
-    pos, _, _ = text.encode_prompts(params, cfg, ours, PROMPTS, max_length=16)
-    neg, _, _ = text.encode_prompts(params, cfg, ours, NEGATIVE, max_length=16)
-    assert np.array_equal(np.asarray(both), np.concatenate([np.asarray(pos), np.asarray(neg)]))
+    enc = functools.partial(text.encode_prompts, params, cfg, ours, max_length=16, dtype=jnp.dtype(dtype))
+    both, pos, neg = (np.asarray(enc(p)[0]) for p in (PROMPTS + NEGATIVE, PROMPTS, NEGATIVE))
+    assert np.array_equal(both, np.concatenate([pos, neg]))
 
 
 def test_eval_shape_umt5_xxl():

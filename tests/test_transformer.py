@@ -16,6 +16,8 @@ from wan_runtime.models.attention import attention, select_implementation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 forward = jax.jit(T.forward, static_argnames=("cfg", "dtype"))
+# float32 forward vs diffusers, relative L2: measured 2.8e-7 - 4.0e-7 over every case below
+TOL = 5e-6
 
 
 def rel(a, b):
@@ -57,16 +59,18 @@ def inputs(shape, text_len, seed=0, text_dim=32):
 
 # (latent shape (B, C, F, H, W), text length): odd frame counts, a single frame, non-square.
 @pytest.mark.parametrize("shape,text_len", [((2, 16, 1, 4, 4), 16), ((2, 16, 3, 6, 10), 8), ((2, 16, 2, 4, 4), 8)])
-def test_t2v_matches_diffusers(shape, text_len):
+def test_t2v_matches_diffusers(shape, text_len, measured):
     m, params, cfg = model(16, 16)
     x, txt = inputs(shape, text_len)
     t = np.array([999, 250], np.int64)  # a different timestep per batch item
     out = forward(params, cfg, x, t, txt)
     assert out.shape == shape and out.dtype == jnp.float32
-    assert rel(out, oracle(m, x, t, txt)) <= 1e-5
+    err = rel(out, oracle(m, x, t, txt))
+    measured("component/transformer/t2v_b{}f{}h{}w{}_text{}/rel_l2".format(*shape[:1], *shape[2:], text_len), err)
+    assert err <= TOL, err
 
 
-def test_i2v_wan21_image_tokens():
+def test_i2v_wan21_image_tokens(measured):
     m, params, cfg = model(36, 16, image_dim=4)
     # diffusers splits image/text at seq_len - 512, so the text must be padded to 512 tokens.
     x, txt = inputs((2, 36, 3, 4, 6), 512)
@@ -74,54 +78,77 @@ def test_i2v_wan21_image_tokens():
     t = np.array([700, 40], np.int64)
     out = forward(params, cfg, x, t, txt, img)
     assert out.shape == (2, 16, 3, 4, 6)
-    assert rel(out, oracle(m, x, t, txt, img)) <= 1e-5
+    err = rel(out, oracle(m, x, t, txt, img))
+    measured("component/transformer/i2v_image_tokens/rel_l2", err)
+    assert err <= TOL, err
 
 
-def test_ti2v_per_token_timesteps():
+def test_ti2v_per_token_timesteps(measured):
     m, params, cfg = model(48, 48)
     x, txt = inputs((2, 48, 3, 4, 6), 16)
     S = 3 * 2 * 3
     t = np.random.default_rng(2).integers(0, 1000, (2, S)).astype(np.int64)
     t[:, :6] = 0  # TI2V I2V mode: the first latent frame is clean
-    assert rel(forward(params, cfg, x, t, txt), oracle(m, x, t, txt)) <= 1e-5
-    # all-equal per-token timesteps reproduce the scalar-timestep output
     ts = np.array([500, 123], np.int64)
     scalar = forward(params, cfg, x, ts, txt)
-    assert rel(forward(params, cfg, x, np.repeat(ts[:, None], S, 1), txt), scalar) <= 1e-6
-    assert rel(scalar, oracle(m, x, ts, txt)) <= 1e-5
+    errs = {"per_token_timesteps": rel(forward(params, cfg, x, t, txt), oracle(m, x, t, txt)),
+            "ti2v_scalar_timestep": rel(scalar, oracle(m, x, ts, txt))}
+    for case, err in errs.items():
+        measured(f"component/transformer/{case}/rel_l2", err)
+    assert max(errs.values()) <= TOL, errs
+    # all-equal per-token timesteps reproduce the scalar-timestep output: measured bitwise
+    same = rel(forward(params, cfg, x, np.repeat(ts[:, None], S, 1), txt), scalar)
+    measured("consistency/transformer/per_token_equal_vs_scalar/rel_l2", same)
+    assert same == 0.0, same
 
 
-def test_bf16_close_to_fp32():
-    _, params, cfg = model(16, 16)
+def test_bf16_close_to_fp32(tmp_path, measured):
+    """The default bf16 path (bf16 weights, bf16 compute, fp32 norms / modulation) is no further from the fp32
+    oracle than diffusers' own bf16 model (loaded with torch_dtype=bfloat16, which keeps its fp32 modules)."""
+    m, _, cfg = model(16, 16)
     _, params_bf16, _ = model(16, 16, None, "bfloat16")  # bf16 weights, fp32 norms / fp32 modules
     assert params_bf16["blocks"]["ffn"]["fc_in"]["weight"].dtype == jnp.bfloat16
     assert params_bf16["blocks"]["scale_shift_table"].dtype == jnp.float32
     x, txt = inputs((2, 16, 3, 6, 10), 8)
     t = np.array([999, 250], np.int64)
+    ref = oracle(m, x, t, txt)
     out = forward(params_bf16, cfg, x, t, txt, dtype=jnp.bfloat16)
     assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
-    assert rel(out, forward(params, cfg, x, t, txt)) < 2e-2  # measured 5.5e-3
+    m.save_pretrained(tmp_path)
+    m16 = type(m).from_pretrained(tmp_path, torch_dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        theirs = m16(torch.from_numpy(x).bfloat16(), torch.from_numpy(t), torch.from_numpy(txt).bfloat16(),
+                     return_dict=False)[0].float().numpy()
+    ours, theirs = rel(out, ref), rel(theirs, ref)
+    measured("bf16/component/transformer/rel_l2", ours)
+    measured("bf16/component/transformer/diffusers_rel_l2", theirs)
+    # measured 5.5e-3 vs diffusers' 5.6e-3 (ratio 0.98). bf16 rounding (2^-8 = 3.9e-3 per op) dominates both,
+    # so the bound is a ratio to the reference's own bf16 error in the same run, not a multiple of ours
+    assert ours <= 1.5 * theirs, (ours, theirs)
 
 
-def test_rope_tables_match_diffusers():
+def test_rope_tables_match_diffusers(measured):
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
     rope = WanRotaryPosEmbed(128, (1, 2, 2), 1024)
     cos_t, sin_t = (a[0, :, 0].numpy() for a in rope(torch.zeros(1, 1, 3, 10, 14)))  # (S, 128), pairs repeated
     cos, sin = T.rope_tables(T.WanTransformerConfig(head_dim=128), (3, 5, 7))
     assert cos.shape == (105, 64) and cos.dtype == np.float32
-    np.testing.assert_allclose(cos, cos_t[:, 0::2], atol=1e-7)
-    np.testing.assert_allclose(sin, sin_t[:, 1::2], atol=1e-7)
+    err = max(np.abs(cos - cos_t[:, 0::2]).max(), np.abs(sin - sin_t[:, 1::2]).max())
+    measured("component/transformer/rope_tables/max_abs", err)
+    assert err == 0.0, err  # measured bitwise: both round the same float64 angles' cos / sin to float32
 
 
-def test_attention():
+def test_attention(measured):
     r = np.random.default_rng(3)
     q, k, v = (jnp.asarray(r.standard_normal(s, dtype=np.float32)) for s in [(2, 5, 3, 8), (2, 7, 3, 8), (2, 7, 3, 8)])
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
     out = jax.jit(attention)(q, k, v)
-    assert out.dtype == jnp.float32 and rel(out, want) <= 1e-6
+    err = rel(out, want)
+    measured("component/attention/vs_numpy/rel_l2", err)
+    assert out.dtype == jnp.float32 and err <= 1e-6, err  # measured 9.0e-8
     assert jax.eval_shape(attention, q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
                           v.astype(jnp.bfloat16)).dtype == jnp.bfloat16
     if jax.default_backend() == "cpu":
