@@ -1,8 +1,14 @@
 """Scale out on 8 simulated CPU devices: every mesh and context-attention mode gives the one-device result.
 
-Models: tiny Wan 2.1 T2V and Wan 2.2 T2V A14B with 8 attention heads ("tiny8"), so Ulysses can split the
-heads over up to 8 devices. float32 throughout; the tolerance covers float reassociation only (sums
-split across devices and the ring's online softmax), orders of magnitude below any real error.
+Models: tiny Wan 2.1 T2V, Wan 2.2 T2V A14B and TI2V 5B with 8 attention heads ("tiny8"), so Ulysses can split
+the heads over up to 8 devices. float32 throughout: the tolerances cover float reassociation only (sums split
+across devices, the ring's online softmax), each ~10-30x the error measured here and far below what a real
+fault moves: a ring that skips one hop puts the latents off by 5e-2 to 9e-2, the frames by 3e-3 to 2e-2.
+
+Time goes to XLA compiling the pipeline's stages (the VAE decode most), so each (family, mesh) gets one
+pipeline, restored once and reused for every attention mode and request on it (``WanPipeline`` keeps its
+compiled stages; the mode is the pipeline's ``layout``, part of the denoise stage's key); one one-device
+pipeline per family gives every reference; requests are small (12 tokens, 1 frame; TI2V 27 tokens, 9 frames).
 """
 import jax
 import numpy as np
@@ -12,22 +18,29 @@ import make_tiny_checkpoint as mtc
 from wan_runtime import sharding as shd
 
 W21, W22, TI2V = "wan2.1-t2v", "wan2.2-t2v-a14b", "wan2.2-ti2v-5b"
-# (mesh, context attention mode, family)
-MESHES = [
-    ("data=2", "auto", W21),
-    ("data=2", "auto", W22),
-    ("fsdp=8", "allgather", W22),
-    ("fsdp=8", "ring", W21),
-    ("context=8", "allgather", W22),
+#: the request per family; tokens = latent frames x H/16 x W/16 (Wan 2.1 VAE 4x8x8, patch 1x2x2)
+SIZE = {
+    W21: dict(height=48, width=64, num_frames=1),  # 1 x 3 x 4 = 12 tokens: even on 2 and 4 shards, padded to 16 on 8
+    W22: dict(height=48, width=64, num_frames=1),
+    TI2V: dict(height=96, width=96, num_frames=9),  # Wan 2.2 VAE (x16): 3 x 3 x 3 = 27 tokens, padded to 28 on 2
+}
+STEPS = 3  # Wan 2.2 A14B (boundary 0.875, shift 3): step 0 on the high-noise expert, steps 1-2 on the low-noise one
+# (mesh, context attention mode, family); the sequence is split over fsdp x context. data=2: test_cfg_cache_on_data
+CASES = [
+    ("fsdp=8", "allgather", W22),  # both experts' weights and the tokens split over fsdp; the last 2 shards all padding
+    ("fsdp=8", "ring", W22),
+    ("context=8", "allgather", W21),
     ("context=8", "ulysses", W21),
-    ("context=8", "ulysses", W22),
-    ("context=8", "ring", W22),
-    ("context=4,tensor=2", "ulysses", W21),
-    ("context=4,tensor=2", "ring", W22),
-    ("data=2,fsdp=2,tensor=2", "auto", W21),
-    ("context=4,tensor=2", "auto", TI2V),  # per-token timesteps: the modulation is split along the sequence too
+    ("context=8", "ring", W21),
+    ("context=4,tensor=2", "ulysses", W21),  # heads split over tensor too; no padding
+    ("context=4,tensor=2", "ring", W21),
+    # per-token timesteps (the modulation split along the sequence), cond/uncond over data; auto: Ulysses
+    ("data=2,fsdp=2,tensor=2", "auto", TI2V),
 ]
-TOL = 2e-5  # max abs error on flow predictions / frames of magnitude ~1
+# Max abs error vs one device (float reassociation only), each ~10-30x the largest error measured for it:
+LATENTS_TOL = {W21: 5e-5, W22: 5e-5, TI2V: 1e-4}  # measured 1.5e-6 to 2.5e-6 (Wan 2.1, 2.2 A14B); TI2V 5.3e-6
+FRAMES_TOL = 1e-5  # frames in [0, 1]: measured 1.8e-7 to 7.2e-7 (the 2-process run 4.5e-7)
+ATTENTION_TOL = 1e-5  # outputs of magnitude ~1: measured 2.4e-7 to 4.8e-7
 
 
 @pytest.fixture(scope="module")
@@ -43,24 +56,70 @@ def tiny8(tmp_path_factory):
     return out
 
 
-def test_vae_decode_is_split_spatially(tiny8):
-    """On 8 devices the VAE decode's activations are split along width: each device's working memory
-    is a fraction of the one-device figure, and the convs exchange halos (collective-permute)."""
-    import functools
+@pytest.fixture(scope="module")
+def pipeline(tiny8):
+    """``pipeline(family, mesh=None, mode="auto")``: one float32 pipeline per (family, mesh), restored once
+    and kept with its compiled stages; ``mode`` sets its context-attention mode for the next call.
 
-    import jax.numpy as jnp
+    The text-encoder and VAE-decode stages depend only on that model's config, the mesh and the shapes
+    (not on the mode), so a pipeline takes those another family compiled on the same mesh for an equal
+    config (the tiny8 families share the text encoder; Wan 2.1 T2V and Wan 2.2 A14B the VAE). A compiled
+    stage checks its arguments' shapes and shardings when called."""
+    from wan_runtime.pipeline import WanPipeline
 
-    from wan_runtime.pipeline import WanPipeline, _decode
+    pipes = {}
 
-    temp = {}
-    for mesh in (None, "context=8"):
-        pipe = WanPipeline.from_converted(tiny8[W21], mesh=mesh, dtype="float32", compilation_cache="off")
-        z, stats = jnp.zeros((1, 16, 3, 16, 16)), jnp.zeros((1, 16, 1, 1, 1))
-        fn = functools.partial(_decode, vcfg=pipe.vcfg, dtype=jnp.float32, as_uint8=True, layout=pipe.layout)
-        compiled = jax.jit(fn).lower(pipe.params["vae"], z, stats, stats + 1).compile()
-        temp[mesh] = compiled.memory_analysis().temp_size_in_bytes
-        assert ("collective-permute" in compiled.as_text()) == (mesh is not None)
-    assert temp["context=8"] < temp[None] / 3, temp
+    def get(fam, mesh=None, mode="auto"):
+        if (fam, mesh) not in pipes:
+            pipes[fam, mesh] = WanPipeline.from_converted(tiny8[fam], mesh=mesh, dtype="float32",
+                                                          compilation_cache="off")
+        pipe = pipes[fam, mesh]
+        for (_, other_mesh), other in pipes.items():
+            if other_mesh == mesh and other is not pipe:
+                same = {"text": other.ucfg == pipe.ucfg, "decode": other.vcfg == pipe.vcfg}
+                for key, exe in other._compiled.items():
+                    if same.get(key[0]):
+                        pipe._compiled.setdefault(key, exe)
+        if mesh is not None:  # what from_converted(context_attention=mode) would set
+            pipe.layout = shd.Layout(pipe.mesh, mode)
+        return pipe
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(pipeline):
+    """``reference(family, **request)``: the one-device (frames, latents), each computed once."""
+    done = {}
+
+    def get(fam, **request):
+        key = (fam, repr(sorted(request.items())))
+        if key not in done:
+            done[key] = _generate(pipeline(fam), fam, **request)
+        return done[key]
+    return get
+
+
+def _generate(pipe, fam, **request):
+    """A 3-step generation from a fixed seed: (float frames in [0, 1], final latents)."""
+    from PIL import Image
+
+    image = None
+    if fam == TI2V:  # with an image: per-token timesteps (frame 0 at t = 0)
+        image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8))
+    request = {"guidance_scale": 4.0, **({"guidance_scale_2": 3.0} if fam == W22 else {}), **request}
+    frames = pipe("a red fox runs through fresh snow", "blurry", **SIZE[fam], num_inference_steps=STEPS,
+                  flow_shift=3.0, seed=0, output_type="np", image=image, **request)
+    return frames, np.asarray(pipe.last_latents)
+
+
+def _max_abs(a, b) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def _stage(pipe, name):
+    """The compiled executables of one pipeline stage ("denoise", "decode", ...), keyed as WanPipeline keys them."""
+    return {key: exe for key, exe in pipe._compiled.items() if key[0] == name}
 
 
 def test_activation_rules_and_mode_choice():
@@ -80,57 +139,96 @@ def test_activation_rules_and_mode_choice():
 
 
 @pytest.mark.parametrize("mode", ["allgather", "ulysses", "ring"])
-def test_context_attention_with_padding_mask(mode):
-    """The three modes equal plain attention, with padded (masked) keys at the end of the sequence."""
+def test_context_attention_with_padding_mask(mode, measured):
+    """The three modes equal plain attention, with padded (masked) keys at the end of the sequence, for a
+    batch of two (split over data) and of one (the data axis cannot split it)."""
     from wan_runtime.models import context_parallel as cp
     from wan_runtime.models.attention import attention
 
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((2, 40, 8, 12), np.float32) for _ in range(3))
-    mask = np.broadcast_to(np.arange(40) < 35, (2, 40))
     layout = shd.Layout(shd.make_mesh(shd.parse_mesh("data=2,context=4")), mode)
-    ref = attention(q, k, v, key_mask=mask)
-    out = jax.jit(lambda q, k, v, m: cp.self_attention(q, k, v, m, layout, mode))(q, k, v, mask)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=0)
+    for batch in (2, 1):
+        q, k, v = (rng.standard_normal((batch, 40, 8, 12), np.float32) for _ in range(3))
+        mask = np.broadcast_to(np.arange(40) < 35, (batch, 40))
+        ref = attention(q, k, v, key_mask=mask)
+        out = jax.jit(lambda q, k, v, m: cp.self_attention(q, k, v, m, layout, mode))(q, k, v, mask)
+        err = _max_abs(out, ref)
+        measured(f"sharding/attention/data=2,context=4,{mode}/batch={batch}/out_max_abs", err, tolerance=ATTENTION_TOL,
+                 tokens=40, padded=5)
+        assert err <= ATTENTION_TOL, (batch, err)  # measured 2.4e-7 to 4.8e-7
 
 
-@pytest.fixture(scope="module")
-def single(tiny8):
-    """One-device outputs of both models: a 3-step generation (float frames) and the latents."""
-    from wan_runtime.pipeline import WanPipeline
-
-    out = {}
-    for fam, ck in tiny8.items():
-        pipe = WanPipeline.from_converted(ck, dtype="float32", compilation_cache="off")
-        out[fam] = _generate(pipe, fam)
-    return out
-
-
-def _generate(pipe, fam):
-    from PIL import Image
-
-    image = None
-    if fam == TI2V:  # with an image: per-token timesteps (frame 0 at t = 0)
-        image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8))
-    frames = pipe("a red fox runs through fresh snow", "blurry", height=64, width=64, num_frames=5,
-                  num_inference_steps=3, guidance_scale=4.0, guidance_scale_2=3.0, seed=0, output_type="np",
-                  image=image)
-    return frames, np.asarray(pipe.last_latents)
-
-
-@pytest.mark.parametrize("mesh,mode,fam", MESHES, ids=[f"{f}-{m}-{a}" for m, a, f in MESHES])
-def test_mesh_matches_one_device(tiny8, single, mesh, mode, fam):
-    from wan_runtime.pipeline import WanPipeline
-
-    pipe = WanPipeline.from_converted(tiny8[fam], mesh=mesh, dtype="float32", compilation_cache="off",
-                                      context_attention=mode)
+@pytest.mark.parametrize("mesh,mode,fam", CASES, ids=[f"{m}-{a}-{f}" for m, a, f in CASES])
+def test_mesh_matches_one_device(pipeline, reference, measured, mesh, mode, fam):
+    """A 3-step generation on the mesh (weights restored onto it, split as the rules say) gives the
+    one-device latents and frames, with the context-attention mode asked for."""
+    pipe = pipeline(fam, mesh, mode)
     n = shd.mesh_size(shd.parse_mesh(mesh))
     leaf = pipe.params["transformer"]["blocks"]["ffn"]["fc_in"]["weight"]
     assert len(leaf.sharding.device_set) == n
     frames, latents = _generate(pipe, fam)
-    ref_frames, ref_latents = single[fam]
-    np.testing.assert_allclose(latents, ref_latents, atol=TOL, rtol=0)
-    np.testing.assert_allclose(frames, ref_frames, atol=TOL, rtol=0)
+    ref_frames, ref_latents = reference(fam)
+    lat_err, frame_err = _max_abs(latents, ref_latents), _max_abs(frames, ref_frames)
+    info = dict(mesh=mesh, mode=mode, family=fam, **SIZE[fam], steps=STEPS)
+    measured(f"sharding/{mesh},{mode}/{fam}/latents_max_abs", lat_err, tolerance=LATENTS_TOL[fam], **info)
+    measured(f"sharding/{mesh},{mode}/{fam}/frames_max_abs", frame_err, tolerance=FRAMES_TOL, **info)
+    assert lat_err <= LATENTS_TOL[fam], lat_err  # measured 1.5e-6 to 2.3e-6 (Wan 2.1, 2.2 A14B), 5.3e-6 (TI2V)
+    assert frame_err <= FRAMES_TOL, frame_err  # measured 1.8e-7 to 7.2e-7
+    # the mode asked for is the one that ran: its collective is in the compiled denoise loop
+    hlo = [exe.as_text() for key, exe in _stage(pipe, "denoise").items() if key[1].layout == pipe.layout]
+    assert len(hlo) == 1
+    expect = {"ulysses": "all-to-all", "ring": "collective-permute", "allgather": "all-gather"}
+    if mode in expect:
+        assert expect[mode] in hlo[0]
+
+
+def test_expert_switch_inside_the_run(tiny8):
+    """The Wan 2.2 cases cross the expert boundary: some steps on each expert."""
+    from wan_runtime import checkpoint as ckpt_lib
+    from wan_runtime import schedulers
+
+    ratio = ckpt_lib.open_checkpoint(tiny8[W22]).model_index["boundary_ratio"]
+    k = schedulers.expert_boundary_index(schedulers.make_schedule("unipc", STEPS, 3.0).timesteps, ratio)
+    assert 0 < k < STEPS, k
+
+
+def test_cfg_cache_on_data(pipeline, reference, measured):
+    """On data=2 (the batch split; attention not, no sequence axis) with the CFG cache: steps 0 and 2 run
+    both branches, cond/uncond split over data; step 1 the cond branch alone (a batch of one, which the
+    data axis cannot split), uncond from the cache. Gives the one-device result."""
+    from wan_runtime import caching
+
+    mesh, request = "data=2", dict(cache=caching.CacheConfig(policy="cfg", cfg_interval=2))
+    pipe = pipeline(W21, mesh)
+    frames, latents = _generate(pipe, W21, **request)
+    assert pipe.last_block_runs.tolist() == [STEPS, STEPS - 1]  # (cond, uncond): one uncond pass reused
+    ref_frames, ref_latents = reference(W21, **request)
+    lat_err, frame_err = _max_abs(latents, ref_latents), _max_abs(frames, ref_frames)
+    info = dict(mesh=mesh, mode="auto", family=W21, **SIZE[W21], steps=STEPS)
+    measured(f"sharding/{mesh},auto/{W21}/cfg-cache/latents_max_abs", lat_err, tolerance=LATENTS_TOL[W21], **info)
+    measured(f"sharding/{mesh},auto/{W21}/cfg-cache/frames_max_abs", frame_err, tolerance=FRAMES_TOL, **info)
+    assert lat_err <= LATENTS_TOL[W21], lat_err  # measured 2.5e-6
+    assert frame_err <= FRAMES_TOL, frame_err  # measured 5.7e-7
+
+
+def test_vae_decode_is_split_spatially(pipeline, measured):
+    """On 8 devices the VAE decode's activations are split along width: each device's working memory
+    is a fraction of the one-device figure, and the convs exchange halos (collective-permute). Reads the
+    decode executables the TI2V case and its reference compiled (Wan 2.2 VAE, 3 latent frames of 6 x 6)."""
+    temp = {}
+    for mesh in (None, "data=2,fsdp=2,tensor=2"):
+        pipe = pipeline(TI2V, mesh, "auto")
+        shape = pipe.latent_shape(*(SIZE[TI2V][k] for k in ("height", "width", "num_frames")))
+        decode = [exe for key, exe in _stage(pipe, "decode").items() if key[1] == shape]
+        if not decode:  # only when run alone: the reference and the mesh case compile it
+            _generate(pipe, TI2V)
+            decode = [exe for key, exe in _stage(pipe, "decode").items() if key[1] == shape]
+        (compiled,) = decode
+        temp[mesh] = compiled.memory_analysis().temp_size_in_bytes
+        assert ("collective-permute" in compiled.as_text()) == (mesh is not None)
+    ratio = temp[None] / temp["data=2,fsdp=2,tensor=2"]
+    measured("sharding/vae-decode/data=2,fsdp=2,tensor=2/temp_bytes_ratio", ratio, latents=list(shape))
+    assert ratio > 3, temp  # the README's claim; measured 4.7
 
 
 # ------------------------------------------------------------------------------ restore on any mesh
@@ -232,64 +330,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tiny8, tmp_path):
+def test_two_processes_match_one(tiny8, reference, measured, tmp_path):
     """wan-run as 2 processes x 4 CPU devices (jax.distributed, gloo) on mesh fsdp=2,context=4 gives the
-    one-process video; each process reads only its half of the fsdp-sharded chunks (each process restores
-    from its own copy of the checkpoint, as separate hosts would), and only process 0 writes."""
+    one-device video (the reference run of this module: the same request through the same pipeline); each
+    process reads only its half of the fsdp-sharded chunks (each process restores from its own copy of the
+    checkpoint, as separate hosts would), and only process 0 writes."""
     import os
     import shutil
     import subprocess
     import sys
 
-    ck = tiny8["wan2.1-t2v"]
+    ck = tiny8[W21]
     copies = [tmp_path / "host0", tmp_path / "host1"]
     for c in copies:
         shutil.copytree(ck, c)
-    args = ["--prompt", "a red fox runs through fresh snow", "--negative-prompt", "blurry", "--height", "64",
-            "--width", "64", "--frames", "5", "--steps", "3", "--guidance", "4.0", "--dtype", "float32",
+    size = SIZE[W21]  # 12 tokens on 8 sequence shards
+    args = ["--prompt", "a red fox runs through fresh snow", "--negative-prompt", "blurry",
+            "--height", str(size["height"]), "--width", str(size["width"]), "--frames", str(size["num_frames"]),
+            "--steps", str(STEPS), "--guidance", "4.0", "--flow-shift", "3.0", "--dtype", "float32",
             "--compile-cache", "off", "-q"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "wan_runtime.cli"]
-    ref = tmp_path / "one.npy"
-    subprocess.run([*cmd, "--checkpoint", str(ck), "--output", str(ref), *args], env=env, check=True,
-                   capture_output=True, timeout=600)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    ref_frames, _ = reference(W21)
     watches = [FileOpens(c / "transformer") for c in copies]
     out = tmp_path / "two.npy"
     port = _free_port()
-    env4 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    cmd = [sys.executable, "-m", "wan_runtime.cli"]
     procs = [subprocess.Popen([*cmd, "--checkpoint", str(copies[i]), "--output", str(out), "--mesh", "fsdp=2,context=4",
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                               *args], env=env4, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     results = [p.communicate(timeout=900) for p in procs]
     for p, (so, se) in zip(procs, results):
         assert p.returncode == 0, se[-3000:]
     assert "wrote" in results[0][0] and "wrote" not in results[1][0]
-    np.testing.assert_allclose(np.load(out), np.load(ref), atol=TOL, rtol=0)
+    err = _max_abs(np.load(out), ref_frames)
+    measured(f"sharding/2-process,fsdp=2,context=4,auto/{W21}/frames_max_abs", err, tolerance=FRAMES_TOL,
+             **size, steps=STEPS)
+    assert err <= FRAMES_TOL, err  # measured 4.5e-7
     opened = [set(w.opened()) for w in watches]
     fc_in = [{c for c in o if c.startswith("blocks.ffn.fc_in.weight/")} for o in opened]
     # fc_in weight (L, F, D): D ("embed") is split over fsdp=2; converted for fsdp=8, so 8 chunks along D
     assert fc_in[0] and fc_in[1] and not fc_in[0] & fc_in[1]
     assert {int(c.split("/")[-1]) for c in fc_in[0]} == {0, 1, 2, 3}
     assert {int(c.split("/")[-1]) for c in fc_in[1]} == {4, 5, 6, 7}
-
-
-def test_padded_sequence_batch_of_one_and_step_caching(tiny8):
-    """18 tokens on 8 sequence shards (padded to 24, padded keys masked), a batch of one (guidance 1:
-    the data axis cannot split it) and the CFG cache (single-branch steps) give the one-device result."""
-    from wan_runtime import caching
-    from wan_runtime.pipeline import WanPipeline
-
-    def gen(pipe, **kw):
-        pipe("a fox", "blurry", height=48, width=48, num_frames=5, num_inference_steps=3, seed=0,
-             output_type="np", **kw)
-        return np.asarray(pipe.last_latents)
-
-    cases = [dict(guidance_scale=4.0), dict(guidance_scale=1.0),
-             dict(guidance_scale=4.0, cache=caching.CacheConfig(policy="cfg", cfg_interval=2))]
-    one = WanPipeline.from_converted(tiny8[W21], dtype="float32", compilation_cache="off")
-    ref = [gen(one, **c) for c in cases]
-    pipe = WanPipeline.from_converted(tiny8[W21], mesh="data=2,context=4", dtype="float32", compilation_cache="off",
-                                      context_attention="ring")
-    for case, want in zip(cases, ref):
-        np.testing.assert_allclose(gen(pipe, **case), want, atol=TOL, rtol=0, err_msg=str(case))
