@@ -22,12 +22,21 @@ def a14b(converted):
     return WanPipeline.from_converted(converted["wan2.2-t2v-a14b"], dtype="float32")
 
 
+def max_abs(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def psnr(a, b):
+    """dB, frames in [0, 1] (peak 1)."""
+    return float(10 * np.log10(1 / np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
+
+
 def _denoise_executables(pipe):
     return [k for k in pipe._compiled if k[0] == "denoise"]
 
 
 @pytest.mark.parametrize("which", ["t2v", "a14b"])
-def test_one_loop_equals_per_step_calls_bitwise(which, request):
+def test_one_loop_equals_per_step_calls_bitwise(which, request, measured):
     """The whole loop in one call == the same loop body called once per step from Python (and, for
     Wan 2.2, across the expert boundary)."""
     pipe = request.getfixturevalue(which)
@@ -38,6 +47,8 @@ def test_one_loop_equals_per_step_calls_bitwise(which, request):
     pipe.steps_per_call = 3  # uneven chunks: 3 + 1
     chunked = _run(pipe, steps=4)
     pipe.steps_per_call = None
+    measured(f"optimization/one_loop_vs_per_step/{which}/max_abs", max_abs(whole, stepped))
+    measured(f"optimization/one_loop_vs_3_plus_1/{which}/max_abs", max_abs(whole, chunked))
     assert np.array_equal(whole, stepped) and np.array_equal(whole, chunked)
 
 
@@ -55,16 +66,30 @@ def test_one_executable_for_every_guidance_and_step_count(t2v):
     assert np.array_equal(a, b)
 
 
-def test_kv_cache_on_off(t2v):
+def test_text_length_is_part_of_the_loop_key(t2v):
+    """Another max_sequence_length on the same pipeline compiles another loop (it was reused, and failed
+    with a shape mismatch), and the first length still gives its own result."""
+    a = _run(t2v, steps=2, max_sequence_length=512)
+    short = _run(t2v, steps=2, max_sequence_length=64)
+    assert short.shape == a.shape and not np.array_equal(short, a)
+    assert np.array_equal(_run(t2v, steps=2, max_sequence_length=512), a)
+
+
+def test_kv_cache_on_off(t2v, measured):
     t2v.kv_cache = True
     on = _run(t2v)
+    n = len(_denoise_executables(t2v))
     t2v.kv_cache = False
     try:
         off = _run(t2v)
     finally:
         t2v.kv_cache = True
-    # Same projections; XLA may fuse the in-loop einsum differently, so allow float32 rounding only.
-    assert np.abs(on - off).max() <= 1e-6
+    assert len(_denoise_executables(t2v)) == n + 1  # off is another loop (projections inside), not ignored
+    err = max_abs(on, off)
+    measured("optimization/kv_cache_on_vs_off/max_abs", err)
+    # measured 0 (bitwise). Same projections, but XLA may fuse the in-loop einsum differently from the hoisted
+    # one, so float32 rounding is allowed: 1e-6 is ~16 float32 ulps at 1.0 (frames are in [0, 1]).
+    assert err <= 1e-6, err
 
 
 def test_uint8_on_device_equals_rounded_float_frames(t2v):
@@ -74,7 +99,15 @@ def test_uint8_on_device_equals_rounded_float_frames(t2v):
     assert np.array_equal(u, np.round(f * 255.0).astype(np.uint8))
 
 
-def test_dtype_settings(converted):
+# bf16 output vs the float32 pipeline (t2v: the same bf16 checkpoint recast to float32, float32 compute), same
+# seed, 2 steps. bf16 changes the output by design, so these are closeness bounds, not "unchanged": each
+# allows 10x the measured mean squared error (PSNR 10 dB below the measured), and a difference of exactly 0
+# would mean the setting was ignored.
+MIXED_PSNR_DB = 38.0    # measured 48.7 dB (max abs 3.1e-2): bf16 transformer and VAE compute, bf16 VAE weights
+DEFAULT_PSNR_DB = 45.0  # measured 55.9 dB (max abs 1.9e-2): Dtypes() (bf16 transformer / text encoder, float32 VAE)
+
+
+def test_dtype_settings(converted, t2v, measured):
     pipe = WanPipeline.from_converted(converted["wan2.1-t2v"],
                                       dtype=Dtypes(transformer="bfloat16", text_encoder="float32", vae="bfloat16",
                                                    weights="float32", vae_weights="bfloat16"))
@@ -84,6 +117,30 @@ def test_dtype_settings(converted):
     assert pipe.params["vae"]["decoder"]["norm_out"]["gamma"].dtype == jax.numpy.float32  # norms stay float32
     frames = _run(pipe, steps=2)
     assert np.isfinite(frames).all() and frames.shape == (9, 32, 48, 3)
+    ref = _run(t2v, steps=2)
+    db, err = psnr(frames, ref), max_abs(frames, ref)
+    measured("optimization/dtypes/mixed_bf16_vs_float32/psnr_db", db, max_abs=err)
+    assert err > 0 and db >= MIXED_PSNR_DB, (db, err)
+
+
+def test_default_dtypes_close_to_float32(converted, t2v, measured):
+    pipe = WanPipeline.from_converted(converted["wan2.1-t2v"])  # the default: Dtypes()
+    assert pipe.dtypes == Dtypes()
+    frames, ref = _run(pipe, steps=2), _run(t2v, steps=2)
+    db, err = psnr(frames, ref), max_abs(frames, ref)
+    measured("optimization/dtypes/default_bf16_vs_float32/psnr_db", db, max_abs=err)
+    assert err > 0 and db >= DEFAULT_PSNR_DB, (db, err)
+
+
+def test_weights_recast_equals_cast_at_use(converted, t2v, measured):
+    """float32 compute on the bf16 checkpoint: weights recast once after restore (t2v, dtype="float32") give the
+    same frames as bf16 weights cast where they are used (weights=None) -- bitwise, measured max abs 0."""
+    pipe = WanPipeline.from_converted(converted["wan2.1-t2v"], dtype=Dtypes("float32", "float32", "float32"))
+    assert pipe.params["transformer"]["blocks"]["attn1"]["to_q"]["weight"].dtype == jax.numpy.bfloat16
+    assert t2v.params["transformer"]["blocks"]["attn1"]["to_q"]["weight"].dtype == jax.numpy.float32
+    frames, ref = _run(pipe, steps=2), _run(t2v, steps=2)
+    measured("optimization/weights_recast_vs_cast_at_use/max_abs", max_abs(frames, ref))
+    assert np.array_equal(frames, ref)
 
 
 def test_warmup_compiles_everything(converted, tmp_path):

@@ -633,7 +633,7 @@ class WanPipeline:
         carry = (latents, sstate, cache_state)
         rest = (cond, mask, arrays, jnp.asarray(timesteps), guidance, jnp.int32(boundary), rope, plan)
         fn = functools.partial(_denoise, st=st, tcfgs=self.tcfgs, grid=grid)
-        denoise = self._compile(("denoise", st, grid, shape, scheduler), fn, *consts, *carry, *rest,
+        denoise = self._compile(("denoise", st, grid, shape, scheduler, text_emb.shape), fn, *consts, *carry, *rest,
                                 jnp.int32(0), jnp.int32(1))
         t0 = time.perf_counter()
         per_call = 1 if (progress is not None or self.steps_per_call == 1) else (self.steps_per_call or num_inference_steps)
