@@ -4,6 +4,8 @@
     python tools/mutants.py --only guidance-ignored,crc-skipped-on-mapped-chunks
     python tools/mutants.py --list
 
+It writes out/mutants.json (``--json``), which ``tools/report.py --take`` renders into the README.
+
 Each mutant is a textual change to one source file. The tree (runtime, convert, tools, tests, configs,
 assets) is copied to a temporary folder, the change applied there (the text must occur exactly as
 written: a mutant that no longer applies is reported, so the list is kept in step with the code), and the
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import pathlib
 import re
@@ -103,6 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated mutant names")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the mutated copies (their paths are printed)")
+    ap.add_argument("--json", type=pathlib.Path, default=ROOT / "out" / "mutants.json")
     a = ap.parse_args(argv)
     names = [n for n in a.only.split(",") if n]
     unknown = set(names) - {m.name for m in MUTANTS}
@@ -115,11 +119,15 @@ def main(argv=None) -> int:
             for old, new in ((m.old, m.new), *m.also):
                 print(f"{m.name:<40} {m.file}: {old!r} -> {new!r}")
         return 0
-    bad = 0
+    bad, results = 0, []
     for m in chosen:
         verdict, detail, secs = run(m, a.keep)
         bad += verdict != "caught"
         print(f"{m.name:<40} {verdict:<14} {detail}  ({secs:.0f} s)", flush=True)
+        results.append({"name": m.name, "file": m.file, "change": f"{m.old} -> {m.new}", "verdict": verdict,
+                        "detail": detail, "seconds": round(secs, 1)})
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "mutants": results}, indent=1) + "\n")
     return 1 if bad else 0
 
 

@@ -11,7 +11,8 @@ everything between the two markers is replaced. Sections:
 - ``parity``: the errors the suite measured (``measured`` fixture, tests/conftest.py), one row per line of
   ``PARITY`` below, each the maximum (or range) over the keys it names;
 - ``performance``: every row of ``tools/bench.py``'s table (ours vs a same-run baseline, goal, met);
-- ``caches``: the per-policy detail of the bench's caching section.
+- ``caches``: the per-policy detail of the bench's caching section;
+- ``mutants``: which test catches each known bug (``tools/mutants.py``).
 """
 from __future__ import annotations
 
@@ -136,8 +137,19 @@ def render_caches(bench: dict) -> str:
     return "\n".join(lines)
 
 
-def render_all(measured: dict | None, bench: dict | None) -> dict[str, str]:
+def render_mutants(mutants: dict) -> str:
+    lines = [f"Run of {mutants['date']}:", "", "| bug put back | change | caught by |", "|---|---|---|"]
+    for m in mutants["mutants"]:
+        change = m["change"].replace("|", "\\|")
+        caught = f"`{m['detail']}`" if m["verdict"] == "caught" else f"**{m['verdict']}**"
+        lines.append(f"| {m['name']} | `{m['file']}`: `{change}` | {caught} |")
+    return "\n".join(lines)
+
+
+def render_all(measured: dict | None, bench: dict | None, mutants: dict | None = None) -> dict[str, str]:
     out = {}
+    if mutants is not None:
+        out["mutants"] = render_mutants(mutants)
     if measured is not None:
         out["parity"] = render_parity(measured)
     if bench is not None:
@@ -163,17 +175,17 @@ def load(path: pathlib.Path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--take", action="store_true", help="copy out/measured.json and out/bench.json into docs/ first")
+    ap.add_argument("--take", action="store_true", help="copy out/{measured,bench,mutants}.json into docs/ first")
     ap.add_argument("--check", action="store_true", help="exit 1 if README.md differs from the render")
     a = ap.parse_args(argv)
     if a.take:
         DOCS.mkdir(parents=True, exist_ok=True)
-        for name in ("measured.json", "bench.json"):
+        for name in ("measured.json", "bench.json", "mutants.json"):
             if (ROOT / "out" / name).is_file():
                 shutil.copyfile(ROOT / "out" / name, DOCS / name)
                 print(f"took out/{name}")
     text = README.read_text()
-    new = splice(text, render_all(load(DOCS / "measured.json"), load(DOCS / "bench.json")))
+    new = splice(text, render_all(load(DOCS / "measured.json"), load(DOCS / "bench.json"), load(DOCS / "mutants.json")))
     if a.check:
         if new != text:
             print("README.md differs from tools/report.py's render of docs/measurements/; run python tools/report.py",
