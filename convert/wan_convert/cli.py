@@ -7,7 +7,7 @@ import sys
 import click
 
 from wan_runtime import errors
-from wan_runtime.format import FormatError
+from wan_runtime.format import WEIGHT_DTYPES, FormatError
 from wan_runtime.sharding import MeshError
 
 from .convert import OutputError, convert, default_threads
@@ -45,7 +45,7 @@ def main():
 @click.argument("source")
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--dtype", "weights_dtype", default="bfloat16", show_default=True,
-              type=click.Choice(["bfloat16", "float16", "float32"]), help="weights dtype (norms stay float32)")
+              type=click.Choice(WEIGHT_DTYPES), help="weights dtype (norms stay float32)")
 @click.option("--mesh", default="1", show_default=True, help="target mesh for the chunk layout, e.g. fsdp=8")
 @click.option("--force", is_flag=True, help="replace an existing checkpoint at OUTPUT")
 @click.option("--threads", type=click.IntRange(1, 64), default=None, help=f"default {default_threads()}")

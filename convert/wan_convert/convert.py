@@ -1,10 +1,11 @@
 """Convert a diffusers Wan repository into a wan-jax checkpoint (see wan_runtime.format).
 
 The work is a list of *units*: one layer of a stacked leaf, or one chunk-aligned row range of an
-unstacked leaf. A thread pool runs them; each unit makes the single copy from the source mmap into a
-reused per-thread buffer with the dtype cast fused in (numpy casting, round-to-nearest-even for
-bfloat16, the same bits as torch's ``.to(torch.bfloat16)``), then writes its chunks with TensorStore
-and drops the source pages it read. At most ``2 * threads`` units are in flight, so peak memory is
+unstacked leaf. A thread pool runs them; each unit applies its target's transforms (``Target.value``:
+views of the source mmap for today's Squeeze), and its last transform makes the single copy into a
+reused per-thread chunk buffer with the dtype cast fused in (``Target.store``: numpy casting,
+round-to-nearest-even for bfloat16, the same bits as torch's ``.to(torch.bfloat16)``); then the unit
+writes its chunks and drops the source pages it read. At most ``2 * threads`` units are in flight, so peak memory is
 bounded by a few units, not by the model.
 
 Atomicity: everything is written into a hidden sibling of OUTPUT and renamed into place at the end; an
@@ -18,7 +19,6 @@ import dataclasses
 import errno
 import itertools
 import json
-import math
 import os
 import struct
 import pathlib
@@ -29,11 +29,13 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 
+from wan_runtime import families
 from wan_runtime import format as fmt
 from wan_runtime import sharding
+from wan_runtime.errors import one_line
 
 from . import __version__
-from .mapping import Target, plan
+from .mapping import Target, Transforms, plan
 from .source import Component, Repo, SourceError, read_json, resolve
 
 try:  # hardware crc32c (SSE4.2 / ARMv8); without it TensorStore encodes the chunks
@@ -65,9 +67,7 @@ def _writing(path):
         why = _FULL.get(e.errno, e.strerror or str(e))
         raise OutputError(f"{path}: cannot write ({why}); nothing was written at OUTPUT") from None
     except (ValueError, RuntimeError) as e:  # TensorStore reports I/O errors as ValueError / RuntimeError
-        text = str(e)
-        why = next((w for code, w in _FULL.items() if os.strerror(code) in text), None)
-        why = why or (text.split(" [tensorstore_spec=")[0].splitlines()[0][:300] if text else type(e).__name__)
+        why = next((w for code, w in _FULL.items() if os.strerror(code) in str(e)), None) or one_line(e, 300)
         raise OutputError(f"{path}: cannot write ({why}); nothing was written at OUTPUT") from None
 
 
@@ -92,16 +92,6 @@ def default_threads() -> int:
     return max(4, min(16, 2 * (os.cpu_count() or 2)))
 
 
-def ts_context(threads: int):
-    import tensorstore as ts
-
-    return ts.Context({
-        "cache_pool": {"total_bytes_limit": 0},
-        "data_copy_concurrency": {"limit": threads},
-        "file_io_concurrency": {"limit": max(4, 2 * threads)},
-    })
-
-
 @dataclasses.dataclass
 class _Unit:
     target: Target
@@ -109,8 +99,14 @@ class _Unit:
     folder: pathlib.Path
     chunks: tuple[int, ...]
     layer: int  # index into target.sources
-    rows: slice  # along the first axis of the (per-layer) source array
+    rows: slice  # along the first axis of one layer of the leaf
     nbytes_in: int
+
+    @property
+    def last(self) -> bool:
+        """Whether this unit is the last to read its layer's source tensors."""
+        shape = self.target.layer_shape
+        return self.rows.stop is None or not shape or self.rows.stop >= shape[0]
 
 
 class _Buffers(threading.local):
@@ -134,7 +130,7 @@ def _units(target: Target, array, folder: pathlib.Path, chunks: tuple[int, ...])
     if target.stacked:
         per = target.sources[0].nbytes if target.sources[0] else 0
         return [_Unit(target, array, folder, chunks, i, slice(None), per) for i in range(len(target.sources))]
-    if not leaf.shape:
+    if not leaf.shape or not target.splittable:
         return [_Unit(target, array, folder, chunks, 0, slice(None), target.in_bytes)]
     rows, step = leaf.shape[0], max(1, chunks[0])
     out = []
@@ -144,60 +140,77 @@ def _units(target: Target, array, folder: pathlib.Path, chunks: tuple[int, ...])
     return out
 
 
-def _run_unit(u: _Unit, comp: Component, buffers: _Buffers, folder: pathlib.Path, chunks: tuple[int, ...]) -> int:
-    """One unit: cast the source region chunk by chunk into a reused buffer and write each chunk file."""
-    tgt, leaf = u.target, u.target.leaf
-    info = tgt.sources[u.layer]
-    want = leaf.shape[1:] if tgt.stacked else leaf.shape
-    src = comp.array(info.name).reshape(want)[u.rows]
-    dtype = fmt.np_dtype(leaf.dtype)
-    if not leaf.shape or _crc32c is None:  # generic path: TensorStore encodes and writes
-        buf = buffers.get(src.shape, dtype)
-        np.copyto(buf, src, casting="unsafe")
-        with _writing(folder / tgt.path):
-            (u.array[u.layer] if tgt.stacked else u.array[u.rows]).write(buf).result()
-        written = buf.nbytes
+def _run_unit(u: _Unit, comp: Component, buffers: _Buffers) -> int:
+    """One unit: its target's transforms, then each chunk stored (cast) into a reused buffer and written."""
+    tgt = u.target
+    x = tgt.value(u.layer, comp.array)
+    if not tgt.leaf.shape or _crc32c is None:  # generic path: TensorStore encodes and writes
+        written = _write_tensorstore(u, x, buffers)
     else:
-        if tgt.stacked:
-            src, row = src[None], u.layer
-        else:
-            row = (u.rows.start or 0) // chunks[0]
-        written = _write_chunks(folder / tgt.path, src, row, chunks, dtype, buffers)
-    if tgt.stacked or u.rows.stop is None or u.rows.stop >= (leaf.shape[0] if leaf.shape else 0):
-        comp.release(info.name)
+        written = _write_chunks(u, x, buffers)
+    if u.last:
+        for name in tgt.names(u.layer):
+            comp.release(name)
     return written
 
 
-def _write_chunks(array_dir: pathlib.Path, src: np.ndarray, row: int, chunks: tuple[int, ...], dtype,
-                  buffers: _Buffers) -> int:
-    """Write the zarr3 chunks of chunk-row ``row`` (src spans exactly that row of chunks along axis 0).
+def _write_tensorstore(u: _Unit, x: np.ndarray, buffers: _Buffers) -> int:
+    tgt = u.target
+    shape = tgt.layer_shape
+    if tgt.stacked or not shape:
+        region = ...
+    else:
+        region = (u.rows,)
+        shape = (len(range(*u.rows.indices(shape[0]))), *shape[1:])
+    buf = buffers.get(shape, fmt.np_dtype(tgt.leaf.dtype))
+    tgt.store(buf, x, region)
+    with _writing(u.folder / tgt.path):
+        (u.array[u.layer] if tgt.stacked else u.array[u.rows]).write(buf).result()
+    return buf.nbytes
 
-    Each chunk: the single fused copy (cast) from the mmap into a chunk-shaped buffer, then its raw
-    little-endian bytes followed by the crc32c of those bytes (the array's codecs), to
-    ``c/<row>/<j>/...`` (zarr3 default chunk-key encoding), fsync'd."""
-    grid = [range(-(-n // c)) for n, c in zip(src.shape[1:], chunks[1:])]
+
+def _write_chunks(u: _Unit, x: np.ndarray, buffers: _Buffers) -> int:
+    """Write the zarr3 chunks of a unit (one layer, or the chunk rows of its row range).
+
+    Each chunk: the single fused copy (the target's last transform: the cast) from the layer's value
+    ``x`` (the source mmap) into a chunk-shaped buffer, then its raw little-endian bytes followed by the
+    crc32c of those bytes (the array's codecs), to ``c/<i>/<j>/...`` (zarr3 default chunk-key encoding)."""
+    tgt, chunks = u.target, u.chunks
+    shape = tgt.layer_shape
+    per = chunks[1:] if tgt.stacked else chunks  # the chunk shape within one layer
+    grid = [range(-(-n // c)) for n, c in zip(shape, per)]
+    if not tgt.stacked:  # the chunk rows of this unit's rows
+        r0, r1, _ = u.rows.indices(shape[0])
+        grid[0] = range(r0 // per[0], -(-r1 // per[0]))
+    lead = (u.layer,) if tgt.stacked else ()
+    dtype = fmt.np_dtype(tgt.leaf.dtype)
+    array_dir = u.folder / tgt.path
     written = 0
     for idx in itertools.product(*grid):
-        region = (slice(None),) + tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, chunks[1:]))
-        part = src[region]
+        region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, per, shape))
+        part = tuple(s.stop - s.start for s in region)
         buf = buffers.get(chunks, dtype)
-        if part.shape != tuple(chunks):  # edge chunk: zarr stores the full chunk, padded with the fill value
+        out = buf.reshape(per)
+        if part != tuple(per):  # edge chunk: zarr stores the full chunk, padded with the fill value
             buf[...] = 0
-            buf[tuple(slice(0, n) for n in part.shape)] = part
-        else:
-            np.copyto(buf, part, casting="unsafe")
-        key = array_dir / fmt.chunk_key((row, *idx))
-        data = memoryview(buf.reshape(-1).view(np.uint8))
-        with _writing(key):
-            key.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                _write_all(fd, data)
-                _write_all(fd, memoryview(struct.pack("<I", _crc32c(data))))
-            finally:
-                os.close(fd)
+            out = out[tuple(slice(0, n) for n in part)]
+        tgt.store(out, x, region)
+        _write_chunk(array_dir / fmt.chunk_key(lead + idx), buf)
         written += buf.nbytes
     return written
+
+
+def _write_chunk(key: pathlib.Path, buf: np.ndarray) -> None:
+    """One chunk file: the raw bytes of ``buf`` and their crc32c."""
+    data = memoryview(buf.reshape(-1).view(np.uint8))
+    with _writing(key):
+        key.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, data)
+            _write_all(fd, memoryview(struct.pack("<I", _crc32c(data))))
+        finally:
+            os.close(fd)
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -390,17 +403,19 @@ def _component_tree(repo: Repo, component: str, config: dict, weights_dtype: str
 
 def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfloat16", mesh: str | None = None,
             force: bool = False, threads: int | None = None, progress: bool = False, revision: str | None = None,
-            hash_source: bool = True, only: list[str] | None = None, fsync: bool = False) -> Summary:
+            hash_source: bool = True, only: list[str] | None = None, fsync: bool = False,
+            transforms: Transforms | None = None) -> Summary:
     """Convert SOURCE (local diffusers repo or hub id) into a checkpoint at OUTPUT. Returns a summary.
 
     ``only`` restricts the conversion to some components (e.g. a fine-tuned transformer); the result is
     then a partial checkpoint, marked as such in the manifest. The checkpoint appears at OUTPUT by an
     atomic rename, so a crash or kill never leaves a partial one there; ``fsync`` also makes it durable
     against power loss before the rename (slower: the disk's write speed). Chunk checksums catch
-    anything torn at restore either way."""
+    anything torn at restore either way. ``transforms`` edits each target's transforms (see
+    ``wan_convert.mapping.plan``); ``verify`` needs the same to compare with the source."""
     t0 = time.perf_counter()
-    if weights_dtype not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"--dtype: unsupported weights dtype {weights_dtype!r} (bfloat16, float16, float32)")
+    if weights_dtype not in fmt.WEIGHT_DTYPES:
+        raise ValueError(f"--dtype: unsupported weights dtype {weights_dtype!r} ({', '.join(fmt.WEIGHT_DTYPES)})")
     mesh_shape = sharding.parse_mesh(mesh)
     threads = threads or default_threads()
     output = pathlib.Path(output).expanduser().absolute()
@@ -408,114 +423,133 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
     _check_output(output, force)  # fail before any work
     if output.resolve().is_relative_to(repo.root):
         raise OutputError(f"{output}: inside SOURCE {repo.root}; write the checkpoint elsewhere")
+    components = _components(repo, only)
+    opened = {c: Component(repo.root / c) for c in components}
+    try:
+        family = _family(repo, opened)
+        trees = {c: _component_tree(repo, c, comp.config, weights_dtype) for c, comp in opened.items()}
+        plans = {c: plan(c, comp.tensors, trees[c], transforms) for c, comp in opened.items()}
+        hashes = _hash_in_background(repo) if hash_source else None
+        tmp = _prepare_output(output, force)
+        try:
+            written = _write_arrays(tmp, plans, opened, mesh_shape, threads, progress, fsync)
+            _copy_side_files(repo, tmp, components)
+            manifest = fmt.build_manifest(
+                family=family, converter=f"wan-convert {__version__}", weights_dtype=weights_dtype,
+                source={"id": repo.source_id, "revision": repo.revision, "files": hashes() if hashes else None},
+                mesh=sharding.format_mesh(mesh_shape), sharding_rules=sharding.DEFAULT_RULES, trees=trees,
+                partial=bool(only), model_index=repo.model_index)
+            _write_text(tmp / fmt.MANIFEST, json.dumps(manifest, indent=1) + "\n")
+            _commit(tmp, output)
+        except BaseException:
+            _remove(tmp)
+            raise
+    finally:
+        for comp in opened.values():
+            comp.close()
+    total_in = sum(t.in_bytes for p in plans.values() for t in p)
+    return Summary(output, family, total_in, written, time.perf_counter() - t0, sum(len(p) for p in plans.values()))
+
+
+def _components(repo: Repo, only: list[str] | None) -> list[str]:
+    """The components to convert: ``only`` (each must exist), else all, which must make a whole Wan repo."""
     components = repo.components()
     if only:
         unknown = sorted(set(only) - set(components))
         if unknown:
             raise SourceError(f"--only: {repo.root} has no component {unknown[0]} (it has {', '.join(components)})")
-        components = [c for c in components if c in only]
-    else:
-        for needed in ("transformer", "vae", "text_encoder"):
-            if needed not in components:
-                raise SourceError(f"{repo.root}: model_index.json has no {needed}; not a complete Wan repository "
-                                  "(use --only to convert single components)")
-        for rel, component in NEEDED_FILES.items():
-            if component in components and not (repo.root / rel).is_file():
-                raise SourceError(f"{repo.root / rel}: missing; wan-run needs it to use the {component}")
-    opened = {c: Component(repo.root / c) for c in components}
+        return [c for c in components if c in only]
+    for needed in ("transformer", "vae", "text_encoder"):
+        if needed not in components:
+            raise SourceError(f"{repo.root}: model_index.json has no {needed}; not a complete Wan repository "
+                              "(use --only to convert single components)")
+    for rel, component in NEEDED_FILES.items():
+        if component in components and not (repo.root / rel).is_file():
+            raise SourceError(f"{repo.root / rel}: missing; wan-run needs it to use the {component}")
+    return components
 
-    def config(c: str) -> dict | None:  # the family needs configs of components --only leaves out, too
+
+def _family(repo: Repo, opened: dict[str, Component]) -> str:
+    """The Wan family, from the configs (also of components ``--only`` leaves out)."""
+    def config(c: str) -> dict | None:
         path = repo.root / c / "config.json"
         return opened[c].config if c in opened else read_json(path) if path.is_file() else None
 
     try:
-        family = fmt.detect_family(repo.model_index, config("transformer") or {}, config("vae"))
+        return families.detect(repo.model_index, config("transformer") or {}, config("vae")).name
     except ValueError as e:
         raise SourceError(f"{repo.root / 'transformer' / 'config.json'}: {e}") from None
-    plans = {c: plan(c, comp.tensors, _component_tree(repo, c, comp.config, weights_dtype))
-             for c, comp in opened.items()}
 
-    # hash the source files in the background while converting (they are read anyway)
+
+def _hash_in_background(repo: Repo):
+    """Start hashing the source files while converting (they are read anyway); returns the function that
+    waits for the hashes (SourceError if a file could not be read)."""
     hashes: dict[str, str] = {}
-    hash_error: list[OSError] = []
+    failed: list[OSError] = []
 
-    def hash_files():
+    def work():
         try:
             hashes.update(repo.file_hashes())
         except OSError as e:
-            hash_error.append(e)
+            failed.append(e)
 
-    hasher = threading.Thread(target=hash_files, daemon=True)
-    if hash_source:
-        hasher.start()
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
 
-    ctx = ts_context(threads)
-    total_in = sum(t.in_bytes for p in plans.values() for t in p)
-    bar = _Progress(total_in, progress)
-    written = 0
-    tmp = _prepare_output(output, force)
+    def result() -> dict[str, str]:
+        thread.join()
+        if failed:
+            e = failed[0]
+            raise SourceError(f"{e.filename or repo.root}: cannot read for its sha256 ({e.strerror or e})")
+        return hashes
+
+    return result
+
+
+def _write_arrays(tmp: pathlib.Path, plans: dict[str, list[Target]], opened: dict[str, Component], mesh_shape,
+                  threads: int, progress: bool, fsync: bool) -> int:
+    """Create ``tmp`` and write every component's arrays and Orbax metadata into it; returns bytes written."""
+    with _writing(tmp):
+        tmp.mkdir()
+    ctx = fmt.ts_context(threads)
+    units: list[tuple[_Unit, Component]] = []
+    for c, targets in plans.items():
+        folder = tmp / c
+        with _writing(folder):
+            folder.mkdir()
+        for t, chunks, arr in _open_outputs(folder, targets, mesh_shape, ctx):
+            units.extend((u, opened[c]) for u in _units(t, arr, folder, chunks))
+    units.sort(key=lambda x: -x[0].nbytes_in)  # largest first keeps both threads busy to the end
+    bar = _Progress(sum(u.nbytes_in for u, _ in units), progress)
     try:
-        with _writing(tmp):
-            tmp.mkdir()
-        units: list[tuple[_Unit, Component]] = []
-        for c, targets in plans.items():
-            folder = tmp / c
-            with _writing(folder):
-                folder.mkdir()
-            for t, chunks, arr in _open_outputs(folder, targets, mesh_shape, ctx):
-                units.extend((u, opened[c]) for u in _units(t, arr, folder, chunks))
-        # largest first keeps both threads busy to the end
-        units.sort(key=lambda x: -x[0].nbytes_in)
-        buffers = _Buffers()
-        with ThreadPoolExecutor(threads, thread_name_prefix="convert") as ex:
-            pending = set()
-            for u, comp in units:
-                if len(pending) >= 2 * threads:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    written += sum(f.result() for f in done)
-                fut = ex.submit(_run_unit, u, comp, buffers, u.folder, u.chunks)
-                fut.add_done_callback(lambda f, n=u.nbytes_in: bar.update(n) if not f.exception() else None)
-                pending.add(fut)
-            done, _ = wait(pending)
-            written += sum(f.result() for f in done)
-            if fsync:  # durable against power loss, at the disk's write speed (crash-safety needs no fsync)
-                list(ex.map(_fsync_file, (p for p in tmp.rglob("*") if p.is_file())))
-        for c, targets in plans.items():
-            _write_text(tmp / c / fmt.ORBAX_METADATA, json.dumps(fmt.orbax_metadata([t.path for t in targets])))
-            _write_text(tmp / c / fmt.ORBAX_CHECKPOINT_METADATA, json.dumps(
-                {"item_handlers": None, "metrics": {}, "performance_metrics": {},
-                 "init_timestamp_nsecs": time.time_ns(), "commit_timestamp_nsecs": time.time_ns(),
-                 "custom_metadata": {}}))
-        _copy_side_files(repo, tmp, components)
-        if hash_source:
-            hasher.join()
-            if hash_error:
-                e = hash_error[0]
-                raise SourceError(f"{e.filename or repo.root}: cannot read for its sha256 ({e.strerror or e})")
-        manifest = {
-            "format": fmt.FORMAT_NAME,
-            "format_version": fmt.FORMAT_VERSION,
-            "family": family,
-            "converter": f"wan-convert {__version__}",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": {"id": repo.source_id, "revision": repo.revision, "files": hashes if hash_source else None},
-            "dtype_policy": {"weights": weights_dtype, "float32": "norms and diffusers' _keep_in_fp32_modules "
-                             "(wan_runtime.format.stored_dtype)"},
-            "mesh": sharding.format_mesh(mesh_shape),
-            "sharding_rules": dict(sharding.DEFAULT_RULES),
-            "partial": bool(only),
-            "components": {c: {"arrays": len(p), "bytes": sum(math.prod(t.leaf.shape) * fmt.np_dtype(t.leaf.dtype).itemsize
-                                                                for t in p)} for c, p in plans.items()},
-        }
-        if "boundary_ratio" in repo.model_index:
-            manifest["boundary_ratio"] = repo.model_index.get("boundary_ratio")
-        _write_text(tmp / fmt.MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        _commit(tmp, output)
-    except BaseException:
-        _remove(tmp)
-        raise
+        written = _run_units(units, threads, bar)
     finally:
         bar.close()
-        for comp in opened.values():
-            comp.close()
-    return Summary(output, family, total_in, written, time.perf_counter() - t0, sum(len(p) for p in plans.values()))
+    if fsync:  # durable against power loss, at the disk's write speed (crash-safety needs no fsync)
+        with ThreadPoolExecutor(threads, thread_name_prefix="fsync") as ex:
+            list(ex.map(_fsync_file, (p for p in tmp.rglob("*") if p.is_file())))
+    for c, targets in plans.items():
+        _write_text(tmp / c / fmt.ORBAX_METADATA, json.dumps(fmt.orbax_metadata([t.path for t in targets])))
+        _write_text(tmp / c / fmt.ORBAX_CHECKPOINT_METADATA, json.dumps(
+            {"item_handlers": None, "metrics": {}, "performance_metrics": {},
+             "init_timestamp_nsecs": time.time_ns(), "commit_timestamp_nsecs": time.time_ns(),
+             "custom_metadata": {}}))
+    return written
+
+
+def _run_units(units: list[tuple[_Unit, Component]], threads: int, bar: _Progress) -> int:
+    """Run the units on a thread pool, at most ``2 * threads`` in flight (bounded memory); bytes written."""
+    buffers = _Buffers()
+    written = 0
+    with ThreadPoolExecutor(threads, thread_name_prefix="convert") as ex:
+        pending = set()
+        for u, comp in units:
+            if len(pending) >= 2 * threads:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                written += sum(f.result() for f in done)
+            fut = ex.submit(_run_unit, u, comp, buffers)
+            fut.add_done_callback(lambda f, n=u.nbytes_in: bar.update(n) if not f.exception() else None)
+            pending.add(fut)
+        done, _ = wait(pending)
+        written += sum(f.result() for f in done)
+    return written

@@ -19,7 +19,8 @@ from typing import Mapping
 
 import numpy as np
 
-from wan_runtime.format import np_dtype
+from wan_runtime import families
+from wan_runtime import format as fmt
 
 
 class SourceError(ValueError):
@@ -29,8 +30,6 @@ class SourceError(ValueError):
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
            "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 _MAX_HEADER = 100 << 20
-#: the diffusers pipeline classes of the Wan families wan-jax runs (model_index.json ``_class_name``)
-PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +81,7 @@ def read_header(path: pathlib.Path) -> dict[str, TensorInfo]:
         if any(d < 0 for d in shape):
             raise SourceError(f"{path}: tensor {name}: negative dimension in shape {list(shape)}")
         dtype = _DTYPES[dt]
-        need = math.prod(shape) * np_dtype(dtype).itemsize
+        need = math.prod(shape) * fmt.np_dtype(dtype).itemsize
         if not (0 <= b <= e) or e - b != need:
             raise SourceError(f"{path}: tensor {name}: data offsets {b}..{e} do not fit shape {list(shape)} {dt}")
         if base + e > size:
@@ -102,7 +101,7 @@ class TensorFile:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else None
 
     def array(self, info: TensorInfo) -> np.ndarray:
-        dtype = np_dtype(info.dtype)
+        dtype = fmt.np_dtype(info.dtype)
         if info.nbytes == 0:
             return np.zeros(info.shape, dtype)
         # bf16 / f16 through their 16-bit patterns: no conversion at read time.
@@ -204,10 +203,8 @@ class Repo:
     model_index: dict
 
     def components(self) -> list[str]:
-        from wan_runtime.format import COMPONENTS
-
         out = []
-        for name in COMPONENTS:
+        for name in families.COMPONENTS:
             entry = self.model_index.get(name)
             if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None:
                 if not (self.root / name).is_dir():
@@ -253,25 +250,15 @@ def resolve(source: str, revision: str | None = None) -> Repo:
     cls = str(model_index.get("_class_name", ""))
     if not cls.startswith("Wan"):
         raise SourceError(f"{mi}: pipeline class {cls or '(none)'} is not a Wan pipeline")
-    if cls not in PIPELINES:
+    if cls not in families.PIPELINES:
         raise SourceError(f"{mi}: {cls} is a Wan variant wan-jax does not support "
-                          f"(it converts {' and '.join(PIPELINES)} repositories)")
+                          f"(it converts {' and '.join(families.PIPELINES)} repositories)")
     return Repo(root, source_id, rev, model_index)
 
 
 def read_json(path: pathlib.Path) -> dict:
     """A JSON object from a source file; anything else is a SourceError naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SourceError(f"{path}: missing") from None
-    except OSError as e:
-        raise SourceError(f"{path}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SourceError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise SourceError(f"{path}: not a JSON object")
-    return data
+    return fmt.read_json(path, SourceError)
 
 
 def _looks_like_repo_id(s: str) -> bool:

@@ -1,15 +1,17 @@
-"""Check a written checkpoint bit for bit against its source and against the runtime's tree."""
+"""Check a written checkpoint bit for bit against its source and against the runtime's tree.
+
+The comparison replays each target's transforms (``Target.layer``: the same code the converter runs),
+so whatever a transform does to a weight, verify expects exactly that."""
 from __future__ import annotations
 
-import json
 import pathlib
 
 import numpy as np
 
 from wan_runtime import format as fmt
+from wan_runtime.errors import one_line
 
-from .convert import ts_context
-from .mapping import plan
+from .mapping import Target, Transforms, plan
 from .source import Component, resolve
 
 
@@ -17,26 +19,12 @@ class VerifyError(ValueError):
     """The checkpoint differs from what the source and the format say it must be."""
 
 
-def _short(e: BaseException) -> str:
-    text = str(e)
-    return text.split(" [tensorstore_spec=")[0].splitlines()[0][:300] if text else type(e).__name__
-
-
-def _json(path: pathlib.Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise VerifyError(f"{path}: missing") from None
-    except (OSError, ValueError) as e:
-        raise VerifyError(f"{path}: unreadable ({_short(e)})") from None
-
-
 def check_tree(root: pathlib.Path, component: str, tree: dict, ctx) -> dict:
     """Every leaf of the runtime's abstract tree exists with its shape and dtype; nothing extra."""
     import tensorstore as ts
 
     folder = root / component
-    meta = _json(folder / fmt.ORBAX_METADATA)
+    meta = fmt.read_json(folder / fmt.ORBAX_METADATA, VerifyError)
     try:
         on_disk = {".".join(v["key_metadata"][i]["key"] for i in range(len(v["key_metadata"])))
                    for v in meta["tree_metadata"].values()}
@@ -52,7 +40,7 @@ def check_tree(root: pathlib.Path, component: str, tree: dict, ctx) -> dict:
         try:
             arr = ts.open(fmt.zarr_spec(folder, path), open=True, context=ctx).result()
         except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/RuntimeError variants
-            raise VerifyError(f"{fmt.array_dir(folder, path)}: cannot open ({_short(e)})") from None
+            raise VerifyError(f"{fmt.array_dir(folder, path)}: cannot open ({one_line(e, 300)})") from None
         if tuple(arr.shape) != leaf.shape or np.dtype(arr.dtype.numpy_dtype) != fmt.np_dtype(leaf.dtype):
             raise VerifyError(f"{component}/{path}: stored {list(arr.shape)} {arr.dtype.name}, "
                               f"expected {list(leaf.shape)} {leaf.dtype}")
@@ -70,22 +58,23 @@ def check_chunks(component: str, path: str, arr) -> None:
         for r in range(0, arr.shape[0] if arr.ndim else 0, step):
             arr[r:r + step].read().result()
     except Exception as e:  # noqa: BLE001 - TensorStore error types vary
-        raise VerifyError(f"{component}/{path}: unreadable or corrupt ({_short(e)})") from None
+        raise VerifyError(f"{component}/{path}: unreadable or corrupt ({one_line(e, 300)})") from None
 
 
 def verify(output: str | pathlib.Path, source: str | None = None, threads: int = 2,
-           log=None) -> int:
+           log=None, transforms: Transforms | None = None) -> int:
     """Check a checkpoint: its trees against the runtime's; without ``source`` every chunk is read back
-    (present, complete, crc32c); with it every array is compared bit for bit with the source.
+    (present, complete, crc32c); with it every array is compared bit for bit with the source, through
+    the targets' transforms (``transforms``: the same edit ``convert`` was given).
     Returns the number of arrays compared with the source (0 without one). Raises VerifyError."""
     root = pathlib.Path(output)
     manifest = fmt.read_manifest(root)
     weights_dtype = manifest["dtype_policy"]["weights"]
-    ctx = ts_context(threads)
+    ctx = fmt.ts_context(threads)
     repo = resolve(source) if source else None
     compared = 0
     for component in manifest["components"]:
-        cfg = _json(root / component / "config.json")
+        cfg = fmt.read_json(root / component / "config.json", VerifyError)
         try:
             tree = fmt.component_tree(component, cfg, weights_dtype)
         except fmt.FormatError as e:
@@ -94,28 +83,35 @@ def verify(output: str | pathlib.Path, source: str | None = None, threads: int =
         if repo is None:
             for path, arr in arrays.items():
                 check_chunks(component, path, arr)
-            continue
-        comp = Component(repo.root / component)
-        try:
-            for tgt in plan(component, comp.tensors, tree):
-                stored = arrays[tgt.path]
-                dtype = fmt.np_dtype(tgt.leaf.dtype)
-                for i, info in enumerate(tgt.sources):
-                    want = tgt.leaf.shape[1:] if tgt.stacked else tgt.leaf.shape
-                    expect = np.empty(want, dtype)
-                    np.copyto(expect, comp.array(info.name).reshape(want), casting="unsafe")
-                    try:
-                        got = (stored[i] if tgt.stacked else stored).read().result()
-                    except Exception as e:  # noqa: BLE001
-                        raise VerifyError(f"{component}/{tgt.path}: unreadable or corrupt ({_short(e)})") from None
-                    if not np.array_equal(_bits(got), _bits(expect)):
-                        where = f" layer {i}" if tgt.stacked else ""
-                        raise VerifyError(f"{component}/{tgt.path}{where}: differs from source tensor {info.name}")
-                    comp.release(info.name)
-                compared += 1
-        finally:
-            comp.close()
+        else:
+            compared += compare(Component(repo.root / component), tree, arrays, transforms)
     return compared
+
+
+def compare(comp: Component, tree: dict, arrays: dict, transforms: Transforms | None = None) -> int:
+    """Every stored array of a component (``arrays``: path -> opened array) against what its target's
+    transforms make of the source ``comp`` (closed at the end), layer by layer. Returns the count."""
+    try:
+        targets = plan(comp.name, comp.tensors, tree, transforms)
+        for tgt in targets:
+            for layer in range(len(tgt.sources)):
+                _compare_layer(comp, tgt, layer, arrays[tgt.path])
+        return len(targets)
+    finally:
+        comp.close()
+
+
+def _compare_layer(comp: Component, tgt: Target, layer: int, stored) -> None:
+    expect = tgt.layer(layer, comp.array)
+    try:
+        got = (stored[layer] if tgt.stacked else stored).read().result()
+    except Exception as e:  # noqa: BLE001 - TensorStore error types vary
+        raise VerifyError(f"{comp.name}/{tgt.path}: unreadable or corrupt ({one_line(e, 300)})") from None
+    if not np.array_equal(_bits(got), _bits(expect)):
+        where = f" layer {layer}" if tgt.stacked else ""
+        raise VerifyError(f"{comp.name}/{tgt.path}{where}: differs from source tensor {tgt.sources[layer].name}")
+    for name in tgt.names(layer):
+        comp.release(name)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:

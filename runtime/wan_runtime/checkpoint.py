@@ -45,6 +45,7 @@ import numpy as np
 
 from . import format as fmt
 from . import sharding as shd
+from .errors import one_line
 
 try:  # hardware crc32c that releases the GIL; without it TensorStore reads (and checks) the chunks
     from crc32c import crc32c as _crc32c
@@ -71,36 +72,29 @@ class Checkpoint:
         return list(self.manifest["components"])
 
     def config(self, component: str) -> dict:
-        path = self.root / component / "config.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: unreadable ({e})") from None
+        """A component's config.json (copied from the source by wan-convert)."""
+        return read_json(self.root / component / "config.json")
+
+    @property
+    def scheduler_config(self) -> dict:
+        """The source's scheduler/scheduler_config.json ({} when the source had none)."""
+        path = self.root / "scheduler" / "scheduler_config.json"
+        return read_json(path) if path.exists() else {}
 
     def abstract_tree(self, component: str) -> fmt.Tree:
         return fmt.component_tree(component, self.config(component), self.manifest["dtype_policy"]["weights"])
+
+
+def read_json(path: pathlib.Path) -> dict:
+    """A JSON object from a checkpoint file; CheckpointError naming the file otherwise."""
+    return fmt.read_json(path, CheckpointError)
 
 
 def open_checkpoint(root: str | pathlib.Path) -> Checkpoint:
     root = pathlib.Path(root).expanduser()
     if not root.is_dir():
         raise CheckpointError(f"{root}: no such checkpoint folder")
-    manifest = fmt.read_manifest(root)
-    try:
-        model_index = json.loads((root / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{root / 'model_index.json'}: unreadable ({e})") from None
-    return Checkpoint(root, manifest, model_index)
-
-
-def _ts_context(concurrency: int):
-    import tensorstore as ts
-
-    return ts.Context({
-        "cache_pool": {"total_bytes_limit": 0},
-        "data_copy_concurrency": {"limit": concurrency},
-        "file_io_concurrency": {"limit": 2 * concurrency},
-    })
+    return Checkpoint(root, fmt.read_manifest(root), read_json(root / "model_index.json"))
 
 
 def default_threads() -> int:
@@ -138,7 +132,7 @@ def restore_component(ckpt: Checkpoint, component: str, mesh=None, rules: Mappin
             plans.append(_DirectLeaf(path, leaf, sharding, by_index, chunks, fmt.array_dir(folder, path)))
     out: dict[str, Any] = {}
     if ts_leaves:
-        out.update(_restore_tensorstore(folder, component, ts_leaves, ctx or _ts_context(concurrency or 8)))
+        out.update(_restore_tensorstore(folder, component, ts_leaves, ctx or fmt.ts_context(concurrency or 8)))
     if plans:
         out.update(_restore_direct(plans, concurrency or default_threads()))
     return fmt.unflatten(out)
@@ -155,7 +149,7 @@ def _restore_tensorstore(folder: pathlib.Path, component: str, leaves: dict, ctx
         try:
             arr = opened[path].result()
         except Exception as e:  # noqa: BLE001 - tensorstore error types vary
-            raise CheckpointError(f"{fmt.array_dir(folder, path)}: cannot open ({_short(e)})") from None
+            raise CheckpointError(f"{fmt.array_dir(folder, path)}: cannot open ({one_line(e, 300)})") from None
         if tuple(arr.shape) != leaf.shape or arr.dtype.numpy_dtype != fmt.np_dtype(leaf.dtype):
             raise CheckpointError(f"{component}/{path}: stored {list(arr.shape)} {arr.dtype.name}, the runtime "
                                   f"expects {list(leaf.shape)} {leaf.dtype}")
@@ -168,7 +162,7 @@ def _restore_tensorstore(folder: pathlib.Path, component: str, leaves: dict, ctx
             try:
                 host = futures[key].result()
             except Exception as e:  # noqa: BLE001
-                raise CheckpointError(f"{fmt.array_dir(folder, path)}: unreadable or corrupt ({_short(e)}); "
+                raise CheckpointError(f"{fmt.array_dir(folder, path)}: unreadable or corrupt ({one_line(e, 300)}); "
                                       "re-convert or re-copy the checkpoint") from None
             shards.extend(jax.device_put([host] * len(devs), devs))
         out[path] = jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
@@ -220,7 +214,7 @@ def _direct_chunks(folder: pathlib.Path, path: str, leaf: fmt.Leaf) -> tuple[int
     except FileNotFoundError:
         raise CheckpointError(f"{adir}: cannot open (no zarr.json: the array is missing)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{adir}: cannot open (zarr.json: {_short(e)})") from None
+        raise CheckpointError(f"{adir}: cannot open (zarr.json: {one_line(e, 300)})") from None
     if tuple(shape) != leaf.shape or dtype != leaf.dtype:
         raise CheckpointError(f"{folder.name}/{path}: stored {shape} {dtype}, the runtime "
                               f"expects {list(leaf.shape)} {leaf.dtype}")
@@ -403,8 +397,3 @@ def restore(ckpt: Checkpoint, components: list[str] | None = None, mesh=None, pa
     else:
         params = {c: one(c) for c in components}
     return params, timings
-
-
-def _short(e: BaseException) -> str:
-    msg = str(e).split(" [tensorstore_spec=")[0].splitlines()[0] if str(e) else type(e).__name__
-    return msg[:300]

@@ -11,10 +11,11 @@ import click
 EXIT_USAGE = 2
 
 
-def one_line(e: BaseException) -> str:
-    """The message of ``e`` on one line (its first line; the exception's name if it has no message)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def one_line(e: BaseException, limit: int | None = None) -> str:
+    """The message of ``e`` on one line: its first line without TensorStore's spec dump, at most ``limit``
+    characters (the exception's name if it has no message)."""
+    text = str(e).split(" [tensorstore_spec=")[0].strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
 def report(prog: str, e: BaseException, debug: bool) -> NoReturn:

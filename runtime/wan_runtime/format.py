@@ -22,17 +22,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
+import time
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
+
+from . import configs, families
 
 FORMAT_NAME = "wan-jax-converted"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 #: Components a checkpoint may hold, in restore order, with their param-tree builders (below).
-COMPONENTS = ("text_encoder", "image_encoder", "transformer", "transformer_2", "vae")
+COMPONENTS = families.COMPONENTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,66 +134,59 @@ class _Builder:
 
 
 # --------------------------------------------------------------------------------------------
-# Param trees, one builder per component kind. Logical axes: "layers" (stacked blocks),
-# "embed" (model width), "heads" (attention heads x head_dim), "mlp" (FFN hidden), "vocab".
+# Param trees, one builder per component kind, each from the component's typed config
+# (``wan_runtime.configs``; a config.json dict is parsed first). Logical axes: "layers" (stacked
+# blocks), "embed" (model width), "heads" (attention heads x head_dim), "mlp" (FFN hidden), "vocab".
 # --------------------------------------------------------------------------------------------
-def transformer_tree(cfg: Mapping[str, Any], weights_dtype: str = "bfloat16") -> Tree:
-    """``WanTransformer3DModel`` (diffusers config.json)."""
-    b = _Builder(weights_dtype)
-    heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
-    D, L, F = heads * head_dim, cfg["num_layers"], cfg["ffn_dim"]
-    pt, ph, pw = cfg.get("patch_size", (1, 2, 2))
-    cin, cout = cfg["in_channels"], cfg.get("out_channels") or cfg["in_channels"]
-    T, freq = cfg["text_dim"], cfg["freq_dim"]
-    b.add("patch_embedding.weight", (D, cin, pt, ph, pw), ("embed", None, None, None, None))
+def transformer_tree(cfg: configs.WanTransformerConfig, weights_dtype: str = "bfloat16") -> Tree:
+    """``WanTransformer3DModel``."""
+    c, b = configs.parse("transformer", cfg), _Builder(weights_dtype)
+    D, L, F, (pt, ph, pw) = c.dim, c.num_layers, c.ffn_dim, c.patch_size
+    b.add("patch_embedding.weight", (D, c.in_channels, pt, ph, pw), ("embed", None, None, None, None))
     b.add("patch_embedding.bias", (D,), ("embed",))
     ce = "condition_embedder"
-    b.linear(f"{ce}.time_embedder.linear_1", D, freq)
+    b.linear(f"{ce}.time_embedder.linear_1", D, c.freq_dim)
     b.linear(f"{ce}.time_embedder.linear_2", D, D)
     b.linear(f"{ce}.time_proj", 6 * D, D)
-    b.linear(f"{ce}.text_embedder.linear_1", D, T, ("embed", None))
+    b.linear(f"{ce}.text_embedder.linear_1", D, c.text_dim, ("embed", None))
     b.linear(f"{ce}.text_embedder.linear_2", D, D)
-    image_dim = cfg.get("image_dim")
-    if image_dim:
-        b.norm(f"{ce}.image_embedder.norm1", image_dim, bias=True)
-        b.linear(f"{ce}.image_embedder.ff.fc_in", image_dim, image_dim)
-        b.linear(f"{ce}.image_embedder.ff.fc_out", D, image_dim)
+    if c.image_dim:
+        b.norm(f"{ce}.image_embedder.norm1", c.image_dim, bias=True)
+        b.linear(f"{ce}.image_embedder.ff.fc_in", c.image_dim, c.image_dim)
+        b.linear(f"{ce}.image_embedder.ff.fc_out", D, c.image_dim)
         b.norm(f"{ce}.image_embedder.norm2", D, bias=True)
-        if cfg.get("pos_embed_seq_len"):
-            b.add(f"{ce}.image_embedder.pos_embed", (1, cfg["pos_embed_seq_len"], image_dim))
+        if c.pos_embed_seq_len:
+            b.add(f"{ce}.image_embedder.pos_embed", (1, c.pos_embed_seq_len, c.image_dim))
     b.add("blocks.scale_shift_table", (L, 6, D), ("layers", None, None))
     for attn in ("attn1", "attn2"):
         for proj in ("to_q", "to_k", "to_v"):
             b.linear(f"blocks.{attn}.{proj}", D, D, ("heads", "embed"), stack=L)
         b.linear(f"blocks.{attn}.to_out", D, D, ("embed", "heads"), stack=L)
-        if cfg.get("qk_norm"):
+        if c.qk_norm:
             b.norm(f"blocks.{attn}.norm_q", D, stack=L)
             b.norm(f"blocks.{attn}.norm_k", D, stack=L)
-    added = cfg.get("added_kv_proj_dim")
-    if added:
-        b.linear("blocks.attn2.add_k_proj", D, added, ("heads", None), stack=L)
-        b.linear("blocks.attn2.add_v_proj", D, added, ("heads", None), stack=L)
+    if c.added_kv_proj_dim:
+        b.linear("blocks.attn2.add_k_proj", D, c.added_kv_proj_dim, ("heads", None), stack=L)
+        b.linear("blocks.attn2.add_v_proj", D, c.added_kv_proj_dim, ("heads", None), stack=L)
         b.norm("blocks.attn2.norm_added_k", D, stack=L)
-    if cfg.get("cross_attn_norm", True):
+    if c.cross_attn_norm:
         b.norm("blocks.norm2", D, bias=True, stack=L)
     b.linear("blocks.ffn.fc_in", F, D, ("mlp", "embed"), stack=L)
     b.linear("blocks.ffn.fc_out", D, F, ("embed", "mlp"), stack=L)
     b.add("scale_shift_table", (2, D))
-    b.linear("proj_out", cout * pt * ph * pw, D, (None, "embed"))
+    b.linear("proj_out", c.out_channels * pt * ph * pw, D, (None, "embed"))
     return b.tree()
 
 
-def text_encoder_tree(cfg: Mapping[str, Any], weights_dtype: str = "bfloat16") -> Tree:
+def text_encoder_tree(cfg: configs.UMT5Config, weights_dtype: str = "bfloat16") -> Tree:
     """transformers ``UMT5EncoderModel`` (every layer has its own relative-position bias)."""
-    b = _Builder(weights_dtype)
-    d, L, F = cfg["d_model"], cfg["num_layers"], cfg["d_ff"]
-    inner = cfg["num_heads"] * cfg["d_kv"]
-    b.add("shared.weight", (cfg["vocab_size"], d), ("vocab", "embed"))
+    c, b = configs.parse("text_encoder", cfg), _Builder(weights_dtype)
+    d, L, F, inner = c.d_model, c.num_layers, c.d_ff, c.num_heads * c.d_kv
+    b.add("shared.weight", (c.vocab_size, d), ("vocab", "embed"))
     for proj in ("q", "k", "v"):
         b.linear(f"blocks.attn.{proj}", inner, d, ("heads", "embed"), bias=False, stack=L)
     b.linear("blocks.attn.o", d, inner, ("embed", "heads"), bias=False, stack=L)
-    b.add("blocks.attn.relative_attention_bias.weight",
-          (L, cfg["relative_attention_num_buckets"], cfg["num_heads"]), ("layers", None, None))
+    b.add("blocks.attn.relative_attention_bias.weight", (L, c.num_buckets, c.num_heads), ("layers", None, None))
     b.norm("blocks.attn_norm", d, stack=L)
     b.linear("blocks.ffn.wi_0", F, d, ("mlp", "embed"), bias=False, stack=L)
     b.linear("blocks.ffn.wi_1", F, d, ("mlp", "embed"), bias=False, stack=L)
@@ -199,16 +196,14 @@ def text_encoder_tree(cfg: Mapping[str, Any], weights_dtype: str = "bfloat16") -
     return b.tree()
 
 
-def image_encoder_tree(cfg: Mapping[str, Any], weights_dtype: str = "bfloat16") -> Tree:
+def image_encoder_tree(cfg: configs.CLIPVisionConfig, weights_dtype: str = "bfloat16") -> Tree:
     """transformers ``CLIPVisionModel(WithProjection)``; Wan uses the penultimate hidden states, so
     ``post_layernorm`` and ``visual_projection`` are not part of the tree."""
-    b = _Builder(weights_dtype)
-    H, L, F = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
-    p, C = cfg["patch_size"], cfg.get("num_channels", 3)
-    n_pos = (cfg["image_size"] // p) ** 2 + 1
+    c, b = configs.parse("image_encoder", cfg), _Builder(weights_dtype)
+    H, L, F, p = c.hidden_size, c.num_layers, c.intermediate_size, c.patch_size
     b.add("embeddings.class_embedding", (H,))
-    b.add("embeddings.patch_embedding.weight", (H, C, p, p))
-    b.add("embeddings.position_embedding.weight", (n_pos, H))
+    b.add("embeddings.patch_embedding.weight", (H, c.num_channels, p, p))
+    b.add("embeddings.position_embedding.weight", (c.num_patches + 1, H))
     b.norm("pre_layrnorm", H, bias=True)
     b.norm("layers.layer_norm1", H, bias=True, stack=L)
     for proj in ("q_proj", "k_proj", "v_proj"):
@@ -220,105 +215,17 @@ def image_encoder_tree(cfg: Mapping[str, Any], weights_dtype: str = "bfloat16") 
     return b.tree()
 
 
-def vae_tree(cfg: Mapping[str, Any], weights_dtype: str = "bfloat16") -> Tree:
-    """diffusers ``AutoencoderKLWan`` (Wan 2.1, and Wan 2.2 with ``is_residual``); names as in diffusers."""
+def vae_tree(cfg: configs.VAEConfig, weights_dtype: str = "bfloat16") -> Tree:
+    """diffusers ``AutoencoderKLWan`` (Wan 2.1, and Wan 2.2 with ``is_residual``); names as in diffusers,
+    one leaf per parameter of the architecture walk in ``configs.vae_params``."""
     b = _Builder(weights_dtype)
-    z = cfg.get("z_dim", 16)
-    base = cfg.get("base_dim", 96)
-    dec_base = cfg.get("decoder_base_dim") or base
-    mult = list(cfg.get("dim_mult", [1, 2, 4, 4]))
-    nres = cfg.get("num_res_blocks", 2)
-    attn_scales = list(cfg.get("attn_scales", []))
-    tdown = list(cfg.get("temperal_downsample", [False, True, True]))
-    residual = bool(cfg.get("is_residual", False))
-    cin, cout = cfg.get("in_channels", 3), cfg.get("out_channels", 3)
-
-    def conv(path, o, i, k):  # k: kernel dims
-        b.add(f"{path}.weight", (o, i, *k))
-        b.add(f"{path}.bias", (o,))
-
-    def resblock(path, i, o):
-        b.add(f"{path}.norm1.gamma", (i,))
-        conv(f"{path}.conv1", o, i, (3, 3, 3))
-        b.add(f"{path}.norm2.gamma", (o,))
-        conv(f"{path}.conv2", o, o, (3, 3, 3))
-        if i != o:
-            conv(f"{path}.conv_shortcut", o, i, (1, 1, 1))
-
-    def attention(path, c):
-        b.add(f"{path}.norm.gamma", (c,))
-        conv(f"{path}.to_qkv", 3 * c, c, (1, 1))
-        conv(f"{path}.proj", c, c, (1, 1))
-
-    def mid(path, c):
-        resblock(f"{path}.resnets.0", c, c)
-        attention(f"{path}.attentions.0", c)
-        resblock(f"{path}.resnets.1", c, c)
-
-    def resample(path, c, mode, out=None):
-        if mode.startswith("up"):
-            conv(f"{path}.resample.1", out if out is not None else c // 2, c, (3, 3))
-            if mode == "upsample3d":
-                conv(f"{path}.time_conv", 2 * c, c, (3, 1, 1))
-        else:
-            conv(f"{path}.resample.1", c, c, (3, 3))
-            if mode == "downsample3d":
-                conv(f"{path}.time_conv", c, c, (3, 1, 1))
-
-    # encoder
-    dims = [base * u for u in [1] + mult]
-    conv("encoder.conv_in", dims[0], cin, (3, 3, 3))
-    k, scale = 0, 1.0
-    for s, (i, o) in enumerate(zip(dims[:-1], dims[1:])):
-        last = s == len(mult) - 1
-        if residual:
-            for r in range(nres):
-                resblock(f"encoder.down_blocks.{s}.resnets.{r}", i if r == 0 else o, o)
-            if not last:
-                resample(f"encoder.down_blocks.{s}.downsampler", o, "downsample3d" if tdown[s] else "downsample2d")
-        else:
-            for _ in range(nres):
-                resblock(f"encoder.down_blocks.{k}", i, o)
-                k += 1
-                if scale in attn_scales:
-                    attention(f"encoder.down_blocks.{k}", o)
-                    k += 1
-                i = o
-            if not last:
-                resample(f"encoder.down_blocks.{k}", o, "downsample3d" if tdown[s] else "downsample2d")
-                k += 1
-                scale /= 2.0
-    mid("encoder.mid_block", dims[-1])
-    b.add("encoder.norm_out.gamma", (dims[-1],))
-    conv("encoder.conv_out", 2 * z, dims[-1], (3, 3, 3))
-    conv("quant_conv", 2 * z, 2 * z, (1, 1, 1))
-    conv("post_quant_conv", z, z, (1, 1, 1))
-
-    # decoder
-    tup = tdown[::-1]
-    dims = [dec_base * u for u in [mult[-1]] + mult[::-1]]
-    conv("decoder.conv_in", dims[0], z, (3, 3, 3))
-    mid("decoder.mid_block", dims[0])
-    for s, (i, o) in enumerate(zip(dims[:-1], dims[1:])):
-        if s > 0 and not residual:
-            i = i // 2
-        up = s != len(mult) - 1
-        mode = ("upsample3d" if tup[s] else "upsample2d") if up else None
-        cur = i
-        for r in range(nres + 1):
-            resblock(f"decoder.up_blocks.{s}.resnets.{r}", cur, o)
-            cur = o
-        if mode and residual:
-            resample(f"decoder.up_blocks.{s}.upsampler", o, mode, out=o)
-        elif mode:
-            resample(f"decoder.up_blocks.{s}.upsamplers.0", o, mode)
-    b.add("decoder.norm_out.gamma", (dims[-1],))
-    conv("decoder.conv_out", cout, dims[-1], (3, 3, 3))
+    for path, shape in configs.vae_params(configs.parse("vae", cfg)):
+        b.add(path, shape)
     return b.tree()
 
 
-#: component kind -> tree builder. transformer_2 is a second transformer.
-TREE_BUILDERS: dict[str, Callable[[Mapping[str, Any], str], Tree]] = {
+#: component kind -> tree builder (typed config or config.json dict). transformer_2 is a second transformer.
+TREE_BUILDERS: dict[str, Callable[[Any, str], Tree]] = {
     "transformer": transformer_tree,
     "transformer_2": transformer_tree,
     "text_encoder": text_encoder_tree,
@@ -328,54 +235,12 @@ TREE_BUILDERS: dict[str, Callable[[Mapping[str, Any], str], Tree]] = {
 
 
 def component_tree(component: str, cfg: Mapping[str, Any], weights_dtype: str = "bfloat16") -> Tree:
-    """The abstract param tree of a component from its config.json dict. A config that does not describe
-    one (a missing key, a value of the wrong type) is a FormatError naming the key or value."""
+    """The abstract param tree of a component from its config.json dict, parsed once
+    (``configs.parse``): a config that does not describe one (a missing key, a value of the wrong
+    type) is a FormatError naming the key or value."""
     if component not in TREE_BUILDERS:
         raise ValueError(f"unknown component {component!r}")
-    if not isinstance(cfg, Mapping):
-        raise FormatError(f"{component} config is not a JSON object")
-    if component == "image_encoder" and "vision_config" in cfg:
-        cfg = cfg["vision_config"]
-    try:
-        return TREE_BUILDERS[component](cfg, weights_dtype)
-    except KeyError as e:
-        raise FormatError(f"{component} config has no {e.args[0]!r}") from None
-    except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise FormatError(f"{component} config does not describe a Wan {component} ({e})") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Families
-# --------------------------------------------------------------------------------------------
-FAMILIES = ("wan2.1-t2v", "wan2.1-i2v", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b")
-
-
-def family_components(family: str) -> tuple[str, ...]:
-    """The components a complete checkpoint of ``family`` holds (what generation needs)."""
-    extra = {"wan2.1-i2v": ("image_encoder",), "wan2.2-t2v-a14b": ("transformer_2",),
-             "wan2.2-i2v-a14b": ("transformer_2",)}.get(family, ())
-    return tuple(c for c in COMPONENTS if c in ("text_encoder", "transformer", "vae") + extra)
-
-
-def detect_family(model_index: Mapping[str, Any], transformer_cfg: Mapping[str, Any],
-                  vae_cfg: Mapping[str, Any] | None = None) -> str:
-    """Name the Wan family of a diffusers repository from its model_index.json and configs."""
-    def present(name):
-        v = model_index.get(name)
-        return isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is not None
-
-    two = present("transformer_2")
-    cin = transformer_cfg.get("in_channels")
-    z = (vae_cfg or {}).get("z_dim", 16)
-    if model_index.get("expand_timesteps") or z == 48:
-        return "wan2.2-ti2v-5b"
-    if two:
-        return "wan2.2-i2v-a14b" if cin == 36 else "wan2.2-t2v-a14b"
-    if cin == 36 or transformer_cfg.get("image_dim"):
-        return "wan2.1-i2v"
-    if cin == 16:
-        return "wan2.1-t2v"
-    raise ValueError(f"unsupported Wan variant (transformer in_channels={cin}, vae z_dim={z})")
+    return TREE_BUILDERS[component](configs.parse(component, cfg), weights_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,32 +250,82 @@ class FormatError(ValueError):
     """A converted checkpoint that this runtime cannot read."""
 
 
-def read_manifest(root: str | pathlib.Path) -> dict:
-    path = pathlib.Path(root) / MANIFEST
+#: the dtypes a checkpoint's weights may be stored in (``dtype_policy.weights``; norms stay float32)
+WEIGHT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def read_json(path: str | pathlib.Path, error: type[Exception] = FormatError, what: str = "JSON object") -> dict:
+    """A JSON object from ``path``; anything else raises ``error`` (each side's own type) naming the file."""
+    path = pathlib.Path(path)
     try:
-        m = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FormatError(f"{path}: not found; is {root} a checkpoint written by wan-convert?") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise error(f"{path}: missing") from None
+    except OSError as e:
+        raise error(f"{path}: unreadable ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: unreadable (not valid JSON: {e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: not a {what}")
+    return data
+
+
+def read_manifest(root: str | pathlib.Path) -> dict:
+    """The validated manifest of the checkpoint at ``root``; FormatError naming the file otherwise."""
+    path = pathlib.Path(root) / MANIFEST
+    if not path.exists():
+        raise FormatError(f"{path}: not found; is {root} a checkpoint written by wan-convert?")
+    return check_manifest(read_json(path, FormatError, f"{FORMAT_NAME} manifest"), path)
+
+
+def check_manifest(m: Mapping[str, Any], path: str | pathlib.Path = MANIFEST) -> dict:
+    """``m`` if it is a manifest this runtime reads; FormatError naming ``path`` and the field otherwise."""
+    if m.get("format") != FORMAT_NAME:
         raise FormatError(f"{path}: not a {FORMAT_NAME} manifest")
     if m.get("format_version") != FORMAT_VERSION:
         raise FormatError(
             f"{path}: format version {m.get('format_version')} but this runtime reads version {FORMAT_VERSION}; "
             "re-convert the source with a matching wan-convert")
-    if m.get("family") not in FAMILIES:
+    if m.get("family") not in families.BY_NAME:
         raise FormatError(f"{path}: family {m.get('family')!r} is not one this runtime knows "
-                          f"({', '.join(FAMILIES)}); a newer wan-jax may read it")
+                          f"({', '.join(families.NAMES)}); a newer wan-jax may read it")
     comps = m.get("components")
     if not isinstance(comps, dict) or not comps or any(c not in COMPONENTS for c in comps):
         raise FormatError(f"{path}: 'components' must name some of {', '.join(COMPONENTS)}")
     policy = m.get("dtype_policy")
-    if not isinstance(policy, dict) or policy.get("weights") not in ("bfloat16", "float16", "float32"):
-        raise FormatError(f"{path}: 'dtype_policy.weights' must be bfloat16, float16 or float32")
-    return m
+    if not isinstance(policy, dict) or policy.get("weights") not in WEIGHT_DTYPES:
+        raise FormatError(f"{path}: 'dtype_policy.weights' must be {', '.join(WEIGHT_DTYPES[:-1])} or {WEIGHT_DTYPES[-1]}")
+    return dict(m)
+
+
+def build_manifest(*, family: str, converter: str, source: Mapping[str, Any], weights_dtype: str,
+                   mesh: str, sharding_rules: Mapping[str, Any], trees: Mapping[str, Tree], partial: bool,
+                   model_index: Mapping[str, Any]) -> dict:
+    """The manifest of a checkpoint holding ``trees`` (component -> abstract param tree), checked as
+    :func:`read_manifest` checks it. ``source``: {"id", "revision", "files" (sha256 by path, or None)};
+    ``model_index``: the source's model_index.json (its Wan 2.2 ``boundary_ratio`` is kept)."""
+    def size(tree: Tree) -> dict:
+        leaves = flatten(tree).values()
+        return {"arrays": len(leaves),
+                "bytes": sum(math.prod(leaf.shape) * np_dtype(leaf.dtype).itemsize for leaf in leaves)}
+
+    m = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "family": family,
+        "converter": converter,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": dict(source),
+        "dtype_policy": {"weights": weights_dtype, "float32": "norms and diffusers' _keep_in_fp32_modules "
+                         "(wan_runtime.format.stored_dtype)"},
+        "mesh": mesh,
+        "sharding_rules": dict(sharding_rules),
+        "partial": partial,
+        "components": {c: size(tree) for c, tree in trees.items()},
+    }
+    if "boundary_ratio" in model_index:
+        m["boundary_ratio"] = model_index["boundary_ratio"]
+    return check_manifest(m)
 
 
 def iter_leaves(tree: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -458,6 +373,18 @@ def zarr_spec(component_dir: str | pathlib.Path, path: str, leaf: Leaf | None = 
             "fill_value": 0,
         }
     return spec
+
+
+def ts_context(concurrency: int):
+    """The TensorStore context for reading or writing a checkpoint's arrays: no cache (every byte is
+    read once), ``concurrency`` copy threads and twice as many file operations in flight (at least 4)."""
+    import tensorstore as ts
+
+    return ts.Context({
+        "cache_pool": {"total_bytes_limit": 0},
+        "data_copy_concurrency": {"limit": concurrency},
+        "file_io_concurrency": {"limit": max(4, 2 * concurrency)},
+    })
 
 
 def chunk_key(index: tuple[int, ...]) -> str:

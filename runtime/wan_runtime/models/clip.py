@@ -11,63 +11,23 @@ LayerNorms run in float32; the residual stream and matmuls in the compute dtype.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from ..configs import CLIP_ACTIVATIONS, CLIPVisionConfig
 from .attention import attention
+from .layers import dense, layer_norm
 
-#: transformers ACT2FN names -> JAX activations.
+#: transformers ACT2FN names (``configs.CLIP_ACTIVATIONS``, which the config accepts) -> JAX activations.
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact (erf)
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    patch_size: int
-    image_size: int
-    num_channels: int
-    hidden_act: str
-    eps: float
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "CLIPVisionConfig":
-        """From image_encoder/config.json: a ``CLIPVisionConfig`` dict or a full ``CLIPConfig`` dict."""
-        cfg = cfg.get("vision_config", cfg)
-        act = cfg.get("hidden_act", "quick_gelu")
-        if act not in ACTIVATIONS:
-            raise ValueError(f"CLIP hidden_act {act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
-        if cfg["hidden_size"] % cfg["num_attention_heads"]:
-            raise ValueError("CLIP hidden_size must be a multiple of num_attention_heads")
-        return cls(
-            hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-            patch_size=cfg["patch_size"], image_size=cfg["image_size"], num_channels=cfg.get("num_channels", 3),
-            hidden_act=act, eps=cfg.get("layer_norm_eps", 1e-5),
-        )
-
-
-def _layer_norm(x: jax.Array, p: Mapping[str, jax.Array], eps: float, dtype) -> jax.Array:
-    """torch LayerNorm (biased variance) in float32, cast to ``dtype``."""
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + eps)
-    return (y * p["weight"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(dtype)
+assert tuple(ACTIVATIONS) == CLIP_ACTIVATIONS
 
 
 def encode_image(params: Mapping[str, Any], cfg: CLIPVisionConfig, pixel_values: jax.Array, *,
@@ -84,25 +44,26 @@ def encode_image(params: Mapping[str, Any], cfg: CLIPVisionConfig, pixel_values:
     act = ACTIVATIONS[cfg.hidden_act]
 
     def lin(x, q):  # torch (out, in) weight + bias
-        y = jnp.einsum("bsi,oi->bso", x, q["weight"].astype(dtype), precision=precision)
-        return y + q["bias"].astype(dtype)
+        return dense(x, q, dtype, spec="bsi,oi->bso", precision=precision)
+
+    def norm(x, q):
+        return layer_norm(x, cfg.eps, q).astype(dtype)
 
     # Embeddings: non-overlapping p x p patches, the conv as one contraction, row-major over the grid.
     e = params["embeddings"]
     x = pixel_values.astype(dtype)[:, :, : g * p, : g * p].reshape(B, C, g, p, g, p)
-    patches = jnp.einsum("bcipjq,ocpq->bijo", x, e["patch_embedding"]["weight"].astype(dtype),
-                         precision=precision).reshape(B, g * g, H)
+    patches = dense(x, e["patch_embedding"], dtype, spec="bcipjq,ocpq->bijo", precision=precision).reshape(B, g * g, H)
     cls = jnp.broadcast_to(e["class_embedding"].astype(dtype), (B, 1, H))
     x = jnp.concatenate([cls, patches], axis=1) + e["position_embedding"]["weight"].astype(dtype)[None]
-    x = _layer_norm(x, params["pre_layrnorm"], cfg.eps, dtype)  # hidden_states[0]
+    x = norm(x, params["pre_layrnorm"])  # hidden_states[0]
     N = x.shape[1]
 
     def layer(x, q):
         a = q["self_attn"]
-        h = _layer_norm(x, q["layer_norm1"], cfg.eps, dtype)
+        h = norm(x, q["layer_norm1"])
         qh, kh, vh = (lin(h, a[n]).reshape(B, N, nh, H // nh) for n in ("q_proj", "k_proj", "v_proj"))
         x = x + lin(attention(qh, kh, vh).reshape(B, N, H), a["out_proj"])
-        h = _layer_norm(x, q["layer_norm2"], cfg.eps, dtype)
+        h = norm(x, q["layer_norm2"])
         return x + lin(act(lin(h, q["mlp"]["fc1"])), q["mlp"]["fc2"]), None
 
     # hidden_states[-2]: only the first L-1 layers.

@@ -1,100 +1,36 @@
 """The Wan 2.1 / 2.2 video diffusion transformer (diffusers ``WanTransformer3DModel``) in pure JAX.
 
-Params are the nested dict of ``wan_runtime.format.transformer_tree``: blocks stacked on a leading
+Params are the nested dict of ``wan_runtime.format.transformer_tree``, the config a
+``configs.WanTransformerConfig`` (re-exported here): blocks stacked on a leading
 layer axis L, linear weights in torch (out, in) layout. Shapes: B batch, C channels, (F, H, W) latent
 grid, (F', H', W') = grid / patch, S = F'H'W' video tokens, D = heads * Dh model width, Sc context
 tokens. The forward is split so a denoise loop can precompute per generation (``rope_tables``,
 ``embed_text`` / ``embed_image`` + ``cross_kv``) and per step (``embed_time``), and a caching
 policy can wrap ``run_blocks`` (block residual = its output minus its input).
 
-Numerics follow diffusers: weights are cast to the compute dtype at use, while the time embedder,
+Numerics follow diffusers: weights are cast to the compute dtype at use (``layers.dense``), while the time embedder,
 modulation (scale_shift_table + temb), LayerNorms, RMSNorms and RoPE run in float32.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..configs import WanTransformerConfig
 from . import context_parallel
 from .attention import attention, preferred_multiple
+from .layers import dense, layer_norm, rms_norm
 
 F32 = jnp.float32
-
-
-@dataclasses.dataclass(frozen=True)
-class WanTransformerConfig:
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    num_heads: int = 40
-    head_dim: int = 128
-    in_channels: int = 16
-    out_channels: int = 16
-    text_dim: int = 4096
-    freq_dim: int = 256
-    ffn_dim: int = 13824
-    num_layers: int = 40
-    cross_attn_norm: bool = True
-    qk_norm: str | None = "rms_norm_across_heads"
-    eps: float = 1e-6
-    image_dim: int | None = None
-    added_kv_proj_dim: int | None = None
-    pos_embed_seq_len: int | None = None
-    rope_max_seq_len: int = 1024
-    rope_theta: float = 10000.0
-
-    @property
-    def dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @classmethod
-    def from_config(cls, c: Mapping[str, Any]) -> "WanTransformerConfig":
-        """From a diffusers transformer config.json dict (absent / null keys take diffusers' defaults)."""
-        d = cls()
-
-        def get(key, default):
-            return default if c.get(key) is None else c[key]
-
-        cin = get("in_channels", d.in_channels)
-        return cls(
-            patch_size=tuple(get("patch_size", d.patch_size)),
-            num_heads=get("num_attention_heads", d.num_heads), head_dim=get("attention_head_dim", d.head_dim),
-            in_channels=cin, out_channels=get("out_channels", cin),  # diffusers: out_channels or in_channels
-            text_dim=get("text_dim", d.text_dim), freq_dim=get("freq_dim", d.freq_dim),
-            ffn_dim=get("ffn_dim", d.ffn_dim), num_layers=get("num_layers", d.num_layers),
-            cross_attn_norm=bool(get("cross_attn_norm", d.cross_attn_norm)), qk_norm=c.get("qk_norm", d.qk_norm),
-            eps=float(get("eps", d.eps)), image_dim=c.get("image_dim"), added_kv_proj_dim=c.get("added_kv_proj_dim"),
-            pos_embed_seq_len=c.get("pos_embed_seq_len"), rope_max_seq_len=get("rope_max_seq_len", d.rope_max_seq_len))
 
 
 # ------------------------------------------------------------------------------------------
 # primitives
 # ------------------------------------------------------------------------------------------
-def linear(x, p, dtype):
-    """torch Linear: x (..., in) @ W (out, in)^T + b, in ``dtype``."""
-    y = jnp.einsum("...i,oi->...o", x.astype(dtype), p["weight"].astype(dtype))
-    return y + p["bias"].astype(dtype) if "bias" in p else y
-
-
-def layer_norm(x, eps, p=None):
-    """LayerNorm over the last axis in float32 (optionally affine); returns float32."""
-    x = x.astype(F32)
-    mu = x.mean(-1, keepdims=True)
-    y = (x - mu) * jax.lax.rsqrt(jnp.square(x - mu).mean(-1, keepdims=True) + eps)
-    return y if p is None else y * p["weight"].astype(F32) + p["bias"].astype(F32)
-
-
-def rms_norm(x, weight, eps):
-    """RMSNorm over the last (full D) axis in float32, result in x's dtype."""
-    x32 = x.astype(F32)
-    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps) * weight.astype(F32)
-    return y.astype(x.dtype)
-
-
 def split_heads(x, heads):  # (..., S, D) -> (..., S, H, Dh)
     return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
 
@@ -156,16 +92,16 @@ def embed_time(params, cfg: WanTransformerConfig, timestep, dtype=F32):
     The time embedder runs in float32 (linear, SiLU, linear); time_proj = linear(SiLU(temb))."""
     ce = params["condition_embedder"]
     h = timestep_sinusoid(jnp.asarray(timestep), cfg.freq_dim)
-    h = linear(jax.nn.silu(linear(h, ce["time_embedder"]["linear_1"], F32)), ce["time_embedder"]["linear_2"], F32)
+    h = dense(jax.nn.silu(dense(h, ce["time_embedder"]["linear_1"], F32)), ce["time_embedder"]["linear_2"], F32)
     temb = h.astype(dtype)
-    proj = linear(jax.nn.silu(temb), ce["time_proj"], dtype)
+    proj = dense(jax.nn.silu(temb), ce["time_proj"], dtype)
     return temb, proj.reshape(*proj.shape[:-1], 6, cfg.dim)
 
 
 def embed_text(params, cfg: WanTransformerConfig, text_emb, dtype=F32):
     """text_emb (B, St, text_dim) -> context (B, St, D): linear, GELU(tanh), linear."""
     te = params["condition_embedder"]["text_embedder"]
-    return linear(jax.nn.gelu(linear(text_emb, te["linear_1"], dtype), approximate=True), te["linear_2"], dtype)
+    return dense(jax.nn.gelu(dense(text_emb, te["linear_1"], dtype), approximate=True), te["linear_2"], dtype)
 
 
 def embed_image(params, cfg: WanTransformerConfig, image_emb, dtype=F32):
@@ -177,7 +113,7 @@ def embed_image(params, cfg: WanTransformerConfig, image_emb, dtype=F32):
     if "pos_embed" in ie:
         x = x.reshape(-1, 2 * x.shape[1], x.shape[2]) + ie["pos_embed"].astype(x.dtype)
     x = layer_norm(x, 1e-5, ie["norm1"]).astype(dtype)
-    x = linear(jax.nn.gelu(linear(x, ie["ff"]["fc_in"], dtype), approximate=False), ie["ff"]["fc_out"], dtype)
+    x = dense(jax.nn.gelu(dense(x, ie["ff"]["fc_in"], dtype), approximate=False), ie["ff"]["fc_out"], dtype)
     return layer_norm(x, 1e-5, ie["norm2"]).astype(dtype)
 
 
@@ -193,8 +129,7 @@ def cross_kv(params, cfg: WanTransformerConfig, context, dtype=F32, n_image: int
     ctx = context.astype(dtype)
 
     def kv(x, pk, pv, norm):  # x (B, s, D_in); stacked weights (L, D, D_in) -> (L, B, s, H, Dh)
-        k = jnp.einsum("bsi,loi->lbso", x, pk["weight"].astype(dtype)) + pk["bias"].astype(dtype)[:, None, None]
-        v = jnp.einsum("bsi,loi->lbso", x, pv["weight"].astype(dtype)) + pv["bias"].astype(dtype)[:, None, None]
+        k, v = (dense(x, p, dtype, spec="bsi,loi->lbso") for p in (pk, pv))
         if norm is not None:
             k = rms_norm(k, norm[:, None, None], cfg.eps)
         return split_heads(k, cfg.num_heads), split_heads(v, cfg.num_heads)
@@ -212,9 +147,7 @@ def patchify(params, cfg: WanTransformerConfig, latents, dtype=F32):
     B, C, F, H, W = latents.shape
     pt, ph, pw = cfg.patch_size
     x = latents.astype(dtype).reshape(B, C, F // pt, pt, H // ph, ph, W // pw, pw)
-    w = params["patch_embedding"]["weight"].astype(dtype)                     # (D, C, pt, ph, pw)
-    x = jnp.einsum("bcfphqwr,dcpqr->bfhwd", x, w)
-    x = x + params["patch_embedding"]["bias"].astype(dtype)
+    x = dense(x, params["patch_embedding"], dtype, spec="bcfphqwr,dcpqr->bfhwd")  # weight (D, C, pt, ph, pw)
     return x.reshape(B, -1, cfg.dim)
 
 
@@ -226,7 +159,7 @@ def unpatchify_head(params, cfg: WanTransformerConfig, x, temb, grid):
     mod = params["scale_shift_table"].astype(F32) + t[:, :, None, :].astype(F32)  # (B, S|1, 2, D)
     shift, scale = mod[:, :, 0], mod[:, :, 1]
     x = (layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(dtype)
-    x = linear(x, params["proj_out"], dtype)
+    x = dense(x, params["proj_out"], dtype)
     B, (f, h, w), (pt, ph, pw) = x.shape[0], grid, cfg.patch_size
     x = x.reshape(B, f, h, w, pt, ph, pw, -1).transpose(0, 7, 1, 4, 2, 5, 3, 6)
     return x.reshape(B, -1, f * pt, h * ph, w * pw).astype(F32)
@@ -253,29 +186,29 @@ def block(p, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype, *, key_ma
     # 1. self-attention (RoPE after the q/k RMSNorm over the full D)
     a = p["attn1"]
     h = (layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(dtype)
-    q = apply_rope(split_heads(qnorm(linear(h, a["to_q"], dtype), a, "norm_q"), H), rope)
-    k = apply_rope(split_heads(qnorm(linear(h, a["to_k"], dtype), a, "norm_k"), H), rope)
-    v = split_heads(linear(h, a["to_v"], dtype), H)
+    q = apply_rope(split_heads(qnorm(dense(h, a["to_q"], dtype), a, "norm_q"), H), rope)
+    k = apply_rope(split_heads(qnorm(dense(h, a["to_k"], dtype), a, "norm_k"), H), rope)
+    v = split_heads(dense(h, a["to_v"], dtype), H)
     if layout is not None and layout.seq_shards > 1:
         mode = context_parallel.choose_mode(layout.context_attention, H, layout.count("act_heads") if
                                             H % layout.count("act_heads") == 0 else 1, layout.seq_shards)
         o = context_parallel.self_attention(q, k, v, key_mask, layout, mode).reshape(x.shape)
     else:
         o = attention(q, k, v, key_mask=key_mask).reshape(x.shape)
-    x = (x.astype(F32) + linear(o, a["to_out"], dtype) * gate).astype(dtype)
+    x = (x.astype(F32) + dense(o, a["to_out"], dtype) * gate).astype(dtype)
 
     # 2. cross-attention on the precomputed K/V (image branch added before to_out); no gate
     a = p["attn2"]
     h = (layer_norm(x, cfg.eps, p["norm2"]) if cfg.cross_attn_norm else x).astype(dtype)
-    q = split_heads(qnorm(linear(h, a["to_q"], dtype), a, "norm_q"), H)
+    q = split_heads(qnorm(dense(h, a["to_q"], dtype), a, "norm_q"), H)
     o = attention(q, kv["k"], kv["v"])
     if "k_img" in kv:
         o = o + attention(q, kv["k_img"], kv["v_img"])
-    x = x + linear(o.reshape(x.shape), a["to_out"], dtype)
+    x = x + dense(o.reshape(x.shape), a["to_out"], dtype)
 
     # 3. feed-forward (GELU tanh)
     h = (layer_norm(x, cfg.eps) * (1 + c_scale) + c_shift).astype(dtype)
-    f = linear(jax.nn.gelu(linear(h, p["ffn"]["fc_in"], dtype), approximate=True), p["ffn"]["fc_out"], dtype)
+    f = dense(jax.nn.gelu(dense(h, p["ffn"]["fc_in"], dtype), approximate=True), p["ffn"]["fc_out"], dtype)
     return (x.astype(F32) + f.astype(F32) * c_gate).astype(dtype)
 
 

@@ -5,8 +5,9 @@ first maps the kernels, once and outside the scan, to channels-last compute layo
 (:func:`_prepare`): inside a loop body XLA:CPU does not re-layout a loop-invariant OIHW kernel and falls
 back to a naive convolution loop (measured 30x slower decode). Conv3d runs as per-frame Conv2d with the
 time taps stacked on channels (XLA:CPU's Conv3d is ~4x slower).
-The encoder and the decoder are a *plan* — a tuple of :class:`Op` derived from the config exactly as
-``wan_runtime.format.vae_tree`` derives the param tree — walked by a small interpreter (:func:`_walk`).
+The encoder and the decoder are a *plan*: the tuple of ``configs.VAEOp`` that describes the architecture
+(``configs.vae_encoder_ops`` / ``vae_decoder_ops``, the same walk the param tree is built from), run by a
+small interpreter (:func:`_walk`).
 
 Time is causal and chunked as in diffusers: chunk 0 (one frame) runs alone with ``first`` semantics,
 then a ``lax.scan`` runs the later frames, ``chunk`` units per step (a unit is one latent frame when
@@ -18,7 +19,6 @@ with the number of frames.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Mapping
@@ -27,114 +27,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ..configs import VAEConfig, VAEOp, vae_decoder_ops, vae_encoder_ops
+
 Params = Mapping[str, Any]
 F32 = jnp.float32
-
-
-@dataclasses.dataclass(frozen=True)
-class VAEConfig:
-    """Static ``AutoencoderKLWan`` config (diffusers names and defaults)."""
-
-    z_dim: int = 16
-    base_dim: int = 96
-    decoder_base_dim: int = 96
-    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    attn_scales: tuple[float, ...] = ()
-    temperal_downsample: tuple[bool, ...] = (False, True, True)
-    is_residual: bool = False
-    in_channels: int = 3
-    out_channels: int = 3
-    patch_size: int | None = None
-    scale_factor_temporal: int = 4
-    scale_factor_spatial: int = 8
-    latents_mean: tuple[float, ...] = ()
-    latents_std: tuple[float, ...] = ()
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "VAEConfig":
-        base = cfg.get("base_dim", 96)
-        return cls(
-            z_dim=cfg.get("z_dim", 16), base_dim=base, decoder_base_dim=cfg.get("decoder_base_dim") or base,
-            dim_mult=tuple(cfg.get("dim_mult", (1, 2, 4, 4))), num_res_blocks=cfg.get("num_res_blocks", 2),
-            attn_scales=tuple(float(s) for s in cfg.get("attn_scales", ())),
-            temperal_downsample=tuple(bool(t) for t in cfg.get("temperal_downsample", (False, True, True))),
-            is_residual=bool(cfg.get("is_residual", False)),
-            in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
-            patch_size=cfg.get("patch_size"),
-            scale_factor_temporal=cfg.get("scale_factor_temporal") or 4,
-            scale_factor_spatial=cfg.get("scale_factor_spatial") or 8,
-            latents_mean=tuple(cfg.get("latents_mean", ())), latents_std=tuple(cfg.get("latents_std", ())),
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Plan: the module walk, derived from the config.
-# --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Op:
-    """One step of the walk. ``kind``:
-
-    conv   WanCausalConv3d (cached)          res    WanResidualBlock (two cached convs)
-    attn   WanAttentionBlock (per frame)      head   RMS norm + SiLU
-    down   WanResample downsample2d/3d        up     WanResample upsample2d/3d  (``mode`` "2d" | "3d")
-    block  ``body`` ops, plus a parameter-free shortcut (``mode`` "avgdown" | "dupup" | "": Wan 2.2)
-    """
-
-    kind: str
-    path: str
-    mode: str = ""
-    body: tuple["Op", ...] = ()
-    cout: int = 0  # shortcut output channels
-    ft: int = 1  # shortcut temporal factor
-    fs: int = 1  # shortcut spatial factor
-
-
-def _mid(prefix: str) -> list[Op]:
-    return [Op("res", f"{prefix}.resnets.0"), Op("attn", f"{prefix}.attentions.0"), Op("res", f"{prefix}.resnets.1")]
-
-
-def encoder_plan(cfg: VAEConfig) -> tuple[Op, ...]:
-    """``WanEncoder3d``: conv_in, down blocks (flat list for 2.1, residual blocks for 2.2), mid, head."""
-    dims = [cfg.base_dim * u for u in (1, *cfg.dim_mult)]
-    n, nres = len(cfg.dim_mult), cfg.num_res_blocks
-    ops, k, scale = [Op("conv", "encoder.conv_in")], 0, 1.0
-    for s, cout in enumerate(dims[1:]):
-        down = s != n - 1
-        tdown = down and cfg.temperal_downsample[s]
-        mode = "3d" if tdown else "2d"
-        if cfg.is_residual:
-            p = f"encoder.down_blocks.{s}"
-            body = [Op("res", f"{p}.resnets.{r}") for r in range(nres)]
-            body += [Op("down", f"{p}.downsampler", mode)] if down else []
-            ops.append(Op("block", p, "avgdown", tuple(body), cout, 2 if tdown else 1, 2 if down else 1))
-            continue
-        for _ in range(nres):
-            ops.append(Op("res", f"encoder.down_blocks.{k}"))
-            k += 1
-            if scale in cfg.attn_scales:
-                ops.append(Op("attn", f"encoder.down_blocks.{k}"))
-                k += 1
-        if down:
-            ops.append(Op("down", f"encoder.down_blocks.{k}", mode))
-            k, scale = k + 1, scale / 2.0
-    return tuple(ops + _mid("encoder.mid_block") + [Op("head", "encoder.norm_out"), Op("conv", "encoder.conv_out")])
-
-
-def decoder_plan(cfg: VAEConfig) -> tuple[Op, ...]:
-    """``WanDecoder3d``: conv_in, mid, up blocks (2.2: + DupUp3D shortcut), head."""
-    dims = [cfg.decoder_base_dim * u for u in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
-    n, tup = len(cfg.dim_mult), cfg.temperal_downsample[::-1]
-    ops = [Op("conv", "decoder.conv_in")] + _mid("decoder.mid_block")
-    for s, cout in enumerate(dims[1:]):
-        p, up = f"decoder.up_blocks.{s}", s != n - 1
-        mode = "3d" if up and tup[s] else "2d"
-        body = [Op("res", f"{p}.resnets.{r}") for r in range(cfg.num_res_blocks + 1)]
-        if up:
-            body.append(Op("up", f"{p}.upsampler" if cfg.is_residual else f"{p}.upsamplers.0", mode))
-        short = "dupup" if cfg.is_residual and up else ""
-        ops.append(Op("block", p, short, tuple(body), cout, 2 if mode == "3d" else 1, 2))
-    return tuple(ops + [Op("head", "decoder.norm_out"), Op("conv", "decoder.conv_out")])
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,12 +190,14 @@ def _at(params, path):
     return params
 
 
-def _walk(ops, params, x, cache, first, dt, shard=None):
+def _walk(ops: tuple[VAEOp, ...], params, x, cache, first, dt, shard=None):
     """Interpret a plan on one chunk. ``shard``: a sharding constraint applied to every op's output."""
     for op in ops:
         p = _at(params, op.path)
         if op.kind == "conv":
             x = _causal_conv(x, p, cache, dt)
+        elif op.kind == "proj":
+            x = _pointwise(x, p, dt)
         elif op.kind == "res":
             x = _resblock(x, p, cache, dt)
         elif op.kind == "attn":
@@ -425,13 +323,13 @@ def decode(params: Params, cfg: VAEConfig, z: jax.Array, *, dtype=jnp.float32, c
     dt = jnp.dtype(dtype)
     p, params = cfg.patch_size, _prepare(params, dt)
 
-    def pre(zc):  # post_quant_conv: (B, z, t, H', W') -> (B, t, H', W', z)
-        return _pointwise(_channels_last(zc, dt), params["post_quant_conv"], dt)
+    def pre(zc):  # (B, z, t, H', W') -> (B, t, H', W', z)
+        return _channels_last(zc, dt)
 
     def post(y):
         return _channels_first(jnp.clip(_unpatchify(y, p) if p else y, -1.0, 1.0))
 
-    return _chunked(decoder_plan(cfg), params, z, pre, post, 1, chunk, dt, shard)
+    return _chunked(vae_decoder_ops(cfg), params, z, pre, post, 1, chunk, dt, shard)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk"))
@@ -446,8 +344,6 @@ def encode(params: Params, cfg: VAEConfig, video: jax.Array, *, dtype=jnp.float3
         x = _channels_last(xc, dt)
         return _patchify(x, p) if p else x
 
-    def post(h):  # quant_conv
-        return _channels_first(_pointwise(h, params["quant_conv"], dt))
-
-    mean, logvar = jnp.split(_chunked(encoder_plan(cfg), params, video, pre, post, 4, chunk, dt), 2, axis=1)
+    moments = _chunked(vae_encoder_ops(cfg), params, video, pre, _channels_first, 4, chunk, dt)  # after quant_conv
+    mean, logvar = jnp.split(moments, 2, axis=1)
     return mean, jnp.clip(logvar, -30.0, 20.0)
