@@ -1,8 +1,58 @@
+"""Shared fixtures, and the test tiers: a test that needs the reference implementations (torch,
+diffusers, transformers: directly, or through the tiny repositories they build) is marked ``oracle``;
+``python -m pytest -m "not oracle"`` runs the rest, and then refuses those imports, so the fast tier
+proves it needs none of them."""
+import importlib.abc
 import pathlib
+import re
+import sys
 
 import pytest
 
-FAMILIES = ("wan2.1-t2v", "wan2.1-i2v", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b")
+from wan_runtime.families import NAMES as FAMILIES
+
+ORACLE_PACKAGES = ("torch", "diffusers", "transformers")
+_ORACLE_SOURCE = re.compile(r"^\s*(?:import|from)\s+(?:torch|diffusers|transformers|make_tiny_checkpoint)\b|"
+                            r"importorskip\(\"(?:torch|diffusers|transformers)", re.M)
+#: fixtures that build or use the tiny repositories (made with diffusers' classes)
+ORACLE_FIXTURES = {"tiny_repos"}
+
+
+def _oracle_module(path: pathlib.Path) -> bool:
+    return path.suffix == ".py" and bool(_ORACLE_SOURCE.search(path.read_text()))
+
+
+def _fast_tier(config) -> bool:
+    return config.getoption("markexpr", "").replace(" ", "") == "notoracle"
+
+
+def pytest_ignore_collect(collection_path, config):
+    """The fast tier does not even import the modules that import the reference packages."""
+    if _fast_tier(config) and collection_path.name.startswith("test_") and _oracle_module(collection_path):
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    sources = {}
+    for item in items:
+        path = pathlib.Path(str(item.fspath))
+        if path not in sources:
+            sources[path] = _oracle_module(path)
+        if sources[path] or ORACLE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.oracle)
+
+
+class _Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ORACLE_PACKAGES:
+            raise ImportError(f"{name}: the fast tier (-m 'not oracle') must not need the reference packages")
+        return None
+
+
+def pytest_configure(config):
+    if _fast_tier(config):
+        sys.meta_path.insert(0, _Refuse())
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ is its tokens plus the residual of its last computed step; the CFG cache rebuild
 accumulates the polynomial-rescaled relative L1 change of the (modulated) timestep embedding and resets
 when it computes; FirstBlockCache (diffusers' FBC hooks) compares block 0's residual with the one of the
 last computed step. Compared: the final latents (float32 pipeline on a float32 checkpoint), the per-branch
-block-run counts, and the per-step decisions and residual-norm ratios (``pipe.last_mag_ratios``: a branch
+block-run counts, and the per-step decisions and residual-norm ratios (``Generation.mag_ratios``: a branch
 that reused its residual has ratio 1 there).
 """
 import json
@@ -33,7 +33,8 @@ FAMILIES = ("wan2.1-t2v", "wan2.2-t2v-a14b")
 
 
 def _run(pipe, plan=None, **kw):
-    return pipe(PROMPT, NEGATIVE, num_inference_steps=STEPS, step_plan=plan, **{**KW, **kw})
+    cache = None if plan is None else caching.FixedPlan(plan).validate()
+    return pipe(PROMPT, NEGATIVE, num_inference_steps=STEPS, cache=cache, **{**KW, **kw})
 
 
 def _plan(cond, uncond, from_diff=None):
@@ -76,25 +77,25 @@ def reference(tiny_repos):
 
 # ------------------------------------------------------------------------------------------- structure
 def test_plan_without_skips_is_dense_bitwise(pipe):
-    dense = _run(pipe)
+    dense = _run(pipe).frames
     full = _run(pipe, _plan([1] * STEPS, [1] * STEPS))
-    assert np.array_equal(dense, full)
-    assert pipe.last_block_runs.tolist() == [STEPS, STEPS]
+    assert np.array_equal(dense, full.frames)
+    assert full.block_runs.tolist() == [STEPS, STEPS]
 
 
 def test_skipped_branches_run_no_blocks(pipe):
     cond = [1, 1, 0, 1, 0, 1]
     uncond = [1, 0, 1, 1, 0, 1]
     out = _run(pipe, _plan(cond, uncond))
-    assert pipe.last_block_runs.tolist() == [sum(cond), sum(uncond)]
-    assert np.isfinite(out).all()
-    assert not np.array_equal(out, _run(pipe))  # reusing residuals changes the result
+    assert out.block_runs.tolist() == [sum(cond), sum(uncond)]
+    assert np.isfinite(out.frames).all()
+    assert not np.array_equal(out.frames, _run(pipe).frames)  # reusing residuals changes the result
 
 
 def test_no_guidance_single_branch(pipe):
     out = _run(pipe, _plan([1, 0, 1, 0, 1, 1], [0] * STEPS), guidance_scale=1.0, guidance_scale_2=1.0)
-    assert pipe.last_block_runs.tolist() == [4]
-    assert np.isfinite(out).all()
+    assert out.block_runs.tolist() == [4]
+    assert np.isfinite(out.frames).all()
 
 
 def test_calibration_tool_records_ratios(f32):
@@ -113,31 +114,32 @@ def test_policies_end_to_end_with_two_experts(f32):
     pipe = f32("wan2.2-t2v-a14b")
     steps = 12
     dense = pipe(PROMPT, NEGATIVE, num_inference_steps=steps, **KW)
-    zero = caching.CacheConfig(policy="magcache", model="wan2.2_t2v_A14B", thresh=0.0)
+    zero = caching.MagCache(thresh=0.0, model="wan2.2_t2v_A14B").validate()
     same = pipe(PROMPT, NEGATIVE, num_inference_steps=steps, cache=zero, **KW)
-    assert np.array_equal(dense, same) and pipe.last_block_runs.tolist() == [steps, steps]
-    sched = schedulers.make_schedule("unipc", steps, pipe.scheduler_config.get("flow_shift", 3.0))
-    k = schedulers.expert_boundary_index(sched.timesteps, pipe.boundary_ratio)
-    for cfg in (caching.CacheConfig(policy="magcache", model="wan2.2_t2v_A14B", thresh=0.5, K=3, retention=0.2),
-                caching.CacheConfig(policy="cfg", cfg_interval=2, cfg_start=2)):
-        plan = caching.step_plan(cfg, steps, calibration=caching.load_calibration(), boundary_index=k)
+    assert np.array_equal(dense.frames, same.frames) and same.block_runs.tolist() == [steps, steps]
+    config = pipe.config()
+    sched = schedulers.make_schedule("unipc", steps, config.flow_shift)
+    k = schedulers.expert_boundary_index(sched.timesteps, config.boundary)
+    for cfg in (caching.MagCache(thresh=0.5, K=3, retention=0.2, model="wan2.2_t2v_A14B").validate(),
+                caching.CFGCache(interval=2, start=2).validate()):
+        plan = cfg.plan(steps, boundary_index=k)
         out = pipe(PROMPT, NEGATIVE, num_inference_steps=steps, cache=cfg, **KW)
-        assert pipe.last_block_runs.tolist() == [int(plan[:, 0].sum()), int(plan[:, 1].sum())]
-        assert pipe.last_block_runs.sum() < 2 * steps  # something was skipped
+        assert out.block_runs.tolist() == [int(plan[:, 0].sum()), int(plan[:, 1].sum())]
+        assert out.block_runs.sum() < 2 * steps  # something was skipped
         assert plan[k, 0] and plan[k, 1]  # the first low-noise step computes both branches
-        assert np.isfinite(out).all()
-    assert pipe.last_warnings == [] or "flow_shift" in pipe.last_warnings[0]
+        assert np.isfinite(out.frames).all()
+    assert out.warnings == () or "flow_shift" in out.warnings[0]
 
 
 @pytest.mark.parametrize("policy", ["teacache", "firstblock"])
 def test_data_dependent_policies_thresh_zero_is_dense(pipe, policy):
     """TeaCache and FirstBlockCache decide inside the loop (lax.switch on traced flags): thresh 0 is dense
     bitwise."""
-    cfg = (caching.CacheConfig(policy="teacache", model="ret_steps_1.3B", teacache_thresh=0.0) if policy == "teacache"
-           else caching.CacheConfig(policy="firstblock", firstblock_thresh=0.0))
+    cfg = (caching.TeaCache(thresh=0.0, model="ret_steps_1.3B") if policy == "teacache"
+           else caching.FirstBlockCache(thresh=0.0)).validate()
     dense = _run(pipe)
     same = pipe(PROMPT, NEGATIVE, num_inference_steps=STEPS, cache=cfg, **KW)
-    assert np.array_equal(dense, same) and pipe.last_block_runs.tolist() == [STEPS, STEPS]
+    assert np.array_equal(dense.frames, same.frames) and same.block_runs.tolist() == [STEPS, STEPS]
 
 
 # ------------------------------------------------------------------------------------------- reference
@@ -279,7 +281,7 @@ LATENTS = (1, 16, 3, 4, 6)  # (9 frames, 32 x 48) in latent space
 GUIDANCE = {"wan2.1-t2v": (4.0, 4.0), "wan2.2-t2v-a14b": (4.0, 3.0)}  # per expert
 COEFFICIENTS = json.loads(CAL_PATH.read_text())["teacache_coefficients_wan2.1"]
 
-# case -> (family, CacheConfig settings). Thresholds are chosen (from the reference's metrics, 8 steps) so
+# case -> (family, policy settings: ``_policy`` makes the caching.Policy). Thresholds are chosen (from the reference's metrics, 8 steps) so
 # that each run skips some steps and computes others, with no metric near its threshold. The value tests use
 # the long default negative prompt: with "blurry" the two branches' block-0 residuals differ by only 0.3 %
 # (3 % with it), too little for a FirstBlockCache comparing against the other branch to change a decision.
@@ -298,6 +300,16 @@ CASES = {
     "firstblock/wan2.1-t2v": ("wan2.1-t2v", dict(policy="firstblock", firstblock_thresh=0.1)),
     "firstblock/wan2.2-t2v": ("wan2.2-t2v-a14b", dict(policy="firstblock", firstblock_thresh=0.1)),
 }
+
+
+#: a case's setting -> its flag name (caching.from_settings)
+FLAGS = {"policy": "cache", "thresh": "cache_thresh", "K": "cache_k", "retention": "cache_retention",
+         "model": "cache_model", "cfg_start": "cfg_cache_start", "cfg_interval": "cfg_cache_interval"}
+
+
+def _policy(settings, **extra):
+    """The caching.Policy of a case's settings (validated)."""
+    return caching.from_settings({**{FLAGS.get(k, k): v for k, v in settings.items()}, **extra})
 
 
 def reference_run(ref, settings, latents, guidance):
@@ -349,15 +361,15 @@ def test_policy_matches_reference(case, f32, reference, measured):
     effect = float(np.abs(want - ref.dense(latents, VSTEPS, guidance)).max())
     assert effect > 10 * 1e-4, effect
 
-    cache = caching.CacheConfig(**settings, calibration=str(CAL_PATH))
-    pipe(PROMPT, DEFAULT_NEGATIVE, height=32, width=48, num_frames=9, num_inference_steps=VSTEPS,
-         guidance_scale=guidance[0], guidance_scale_2=guidance[1], latents=latents, cache=cache)
-    got = np.asarray(pipe.last_latents, np.float32)
-    ratios = np.asarray(pipe.last_mag_ratios, np.float64)
+    cache = _policy(settings, cache_calibration=str(CAL_PATH))
+    gen = pipe(PROMPT, DEFAULT_NEGATIVE, height=32, width=48, num_frames=9, num_inference_steps=VSTEPS,
+               guidance_scale=guidance[0], guidance_scale_2=guidance[1], latents=latents, cache=cache)
+    got = np.asarray(gen.latents, np.float32)
+    ratios = np.asarray(gen.mag_ratios, np.float64)
     ran_ours = np.abs(ratios - 1.0) > 1e-5  # a reused residual gives ratio 1 (measured: exactly 1.0)
     ran_ours[0] = True  # step 0 has no previous residual: ratio 1 by definition
     np.testing.assert_array_equal(ran_ours.T, ran.T, err_msg=f"{case}: decisions (step x [cond, uncond])")
-    assert pipe.last_block_runs.tolist() == ran.sum(0).tolist()
+    assert gen.block_runs.tolist() == ran.sum(0).tolist()
 
     err = float(np.abs(got - want).max())
     err_ratio = float(np.abs(ratios - ratio).max())

@@ -6,7 +6,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from wan_runtime import caching
+from wan_runtime import caching, families
 
 CAL_PATH = pathlib.Path("/work/shared/reference/cache_calibration.json")
 if not CAL_PATH.is_file():
@@ -14,6 +14,9 @@ if not CAL_PATH.is_file():
 CAL = caching.load_calibration(CAL_PATH)
 MODELS = sorted(CAL["models"])
 TWO_EXPERTS = [k for k in MODELS if "boundary_ratio" in CAL["models"][k]]
+#: published curves whose family never caches the high-noise expert (MagCache4Wan2.2 "i2v" mode)
+HIGH_NOISE_UNCACHED = frozenset(caching._published(v, "magcache", False) for f in families.FAMILIES
+                                if not f.magcache_high_noise for v in f.variants)
 
 
 # ---------------------------------------------------------------- the published algorithm, replayed
@@ -86,12 +89,12 @@ def boundary_for(key, steps):
 
 
 def mode_for(key):
-    return "i2v" if key in caching.HIGH_NOISE_UNCACHED else "t2v"
+    return "i2v" if key in HIGH_NOISE_UNCACHED else "t2v"
 
 
 def plan(key, steps, thresh, K, retention, boundary=None, **kw):
     return caching.magcache_plan(CAL["models"][key]["mag_ratios"], steps, thresh, K, retention, boundary,
-                                 cache_high_noise=key not in caching.HIGH_NOISE_UNCACHED, **kw)
+                                 cache_high_noise=key not in HIGH_NOISE_UNCACHED, **kw)
 
 
 # ---------------------------------------------------------------- (a) equal to the replay
@@ -142,36 +145,42 @@ def test_anchor_wan22_t2v_a14b():
 
 
 def test_step_plan_and_config():
-    cfg = caching.CacheConfig.from_preset({"cache": "magcache", "cache_model": "wan2.2_t2v_A14B",
-                                           "cache_thresh": 0.04, "cache_k": 2, "cache_retention": 0.2, "steps": 40})
-    p = caching.step_plan(cfg, 40, calibration=CAL, boundary_index=26)
+    cal = str(CAL_PATH)
+    cfg = caching.from_settings({"cache": "magcache", "cache_model": "wan2.2_t2v_A14B", "cache_calibration": cal,
+                                 "cache_thresh": 0.04, "cache_k": 2, "cache_retention": 0.2, "steps": 40})
+    p = cfg.plan(40, boundary_index=26)
     assert p.shape == (40, 3) and not p[:, 2].any()
     assert caching.count_forwards(p[:, 0], p[:, 1]) == 46
-    rec = caching.step_plan(caching.CacheConfig("magcache", model="wan2.2_i2v_A14B"), 40, calibration=CAL,
-                            boundary_index=15)
+    i2v = families.get("wan2.2-i2v-a14b")  # its family sets the "i2v" mode (the high-noise expert uncached)
+    rec = caching.from_settings({"cache": "magcache", "cache_model": "wan2.2_i2v_A14B", "cache_calibration": cal},
+                                i2v).plan(40, boundary_index=15)
     want = replay(CAL["models"]["wan2.2_i2v_A14B"]["mag_ratios"], 40, 0.06, 2, 0.1, 15, "i2v")
     np.testing.assert_array_equal(rec[:, :2], np.stack(want, 1))
     assert rec[:15, :2].all()  # I2V-A14B: the high-noise expert is never cached
-    no_cfg = caching.step_plan(cfg, 40, calibration=CAL, boundary_index=26, do_cfg=False)
+    no_cfg = cfg.plan(40, boundary_index=26, do_cfg=False)
     np.testing.assert_array_equal(no_cfg[:, 0], p[:, 0])
     assert not no_cfg[:, 1:].any()
-    assert caching.step_plan(caching.CacheConfig(), 40) is None
+    assert caching.from_settings({}).plan(40) is None
     with pytest.raises(ValueError, match="--cache-model"):
-        caching.step_plan(caching.CacheConfig("magcache", model="nope"), 40, calibration=CAL)
+        caching.MagCache(model="nope", calibration=cal).plan(40)
     # data-dependent policies: the host plan only forces full steps (column 0), incl. the expert switch
-    forced = caching.step_plan(caching.CacheConfig("teacache", model="ret_steps_14B"), 40, boundary_index=30)
+    forced = caching.TeaCache(model="ret_steps_14B").validate().plan(40, boundary_index=30)
     assert forced[:5, 0].all() and forced[30, 0] and not forced[5:30, 0].any() and not forced[:, 1:].any()
-    fb = caching.step_plan(caching.CacheConfig("firstblock"), 40)
+    fb = caching.FirstBlockCache().validate().plan(40)
     assert fb[0, 0] and not fb[1:, 0].any()
-    for bad, flag in [({"cache": "fast"}, "--cache:"), ({"cache_thresh": -0.1}, "--cache-thresh: must be >= 0"),
-                      ({"cache_k": 1.5}, "--cache-k"), ({"cache_retention": 1.2}, "--cache-retention"),
-                      ({"cfg_cache_interval": 0}, "--cfg-cache-interval"),
-                      ({"cfg_cache_start": 5, "cfg_cache_end": 5}, "--cfg-cache-end"),
-                      ({"teacache_thresh": float("nan")}, "--teacache-thresh")]:
+    # a setting is validated with its policy (the settings of other policies are ignored)
+    for bad, flag in [({"cache": "fast"}, "--cache:"),
+                      ({"cache": "magcache", "cache_thresh": -0.1}, "--cache-thresh: must be >= 0"),
+                      ({"cache": "magcache", "cache_k": 1.5}, "--cache-k"),
+                      ({"cache": "magcache", "cache_retention": 1.2}, "--cache-retention"),
+                      ({"cache": "cfg", "cfg_cache_interval": 0}, "--cfg-cache-interval"),
+                      ({"cache": "cfg", "cfg_cache_start": 5, "cfg_cache_end": 5}, "--cfg-cache-end"),
+                      ({"cache": "teacache", "teacache_thresh": float("nan")}, "--teacache-thresh")]:
         with pytest.raises(ValueError, match=flag):
-            caching.CacheConfig.from_preset(bad)
-    assert caching.model_key_for_preset("wan2.2-ti2v-5b", image=True) == "wan2.2_ti2v_5B_i2v"
-    assert all(caching.model_key_for_preset(p) in CAL["models"] for p in caching.PRESET_MODELS)
+            caching.from_settings(bad)
+    ti2v = families.get("wan2.2-ti2v-5b").variant(preset="wan2.2-ti2v-5b")
+    assert caching._published(ti2v, "magcache", True) == "wan2.2_ti2v_5B_i2v"
+    assert all(caching._published(v, "magcache", False) in CAL["models"] for f in families.FAMILIES for v in f.variants)
 
 
 def test_calibration_warning():
@@ -248,13 +257,13 @@ def test_cfg_cache_plan():
     assert not caching.cfg_cache_plan(20, start=2, interval=1).any()
     with pytest.raises(ValueError, match="--cfg-cache-interval"):
         caching.cfg_cache_plan(20, 2, 0)
-    p = caching.step_plan(caching.CacheConfig("cfg", cfg_interval=2), 40, boundary_index=26)
+    p = caching.CFGCache(interval=2).validate().plan(40, boundary_index=26)
     assert p[:, 0].all() and (p[:, 1] == ~p[:, 2]).all()
     assert not p[:9, 2].any() and p[9:, 2].sum() == 16  # start = int(0.2 * 40) = 8: odd steps from 9 reuse
     assert caching.count_forwards(p[:, 0], p[:, 1]) == 40 + 24
-    p = caching.step_plan(caching.CacheConfig("cfg", cfg_interval=2), 40, boundary_index=27)
+    p = caching.CFGCache(interval=2).validate().plan(40, boundary_index=27)
     assert not p[27, 2] and p[25, 2] and p[29, 2] and p[9:, 2].sum() == 15  # the switch step runs fully
-    assert caching.step_plan(caching.CacheConfig("cfg"), 40, do_cfg=False) is None
+    assert caching.CFGCache().validate().plan(40, do_cfg=False) is None
 
 
 # ---------------------------------------------------------------- (f) resampling

@@ -134,9 +134,9 @@ def _ours(pipe, case, latents, image, negative=NEGATIVE, **kw):
     if _two_experts(family):
         kw.setdefault("guidance_scale_2", GUIDANCE_2)
     kw.setdefault("guidance_scale", GUIDANCE)
-    frames = pipe(PROMPT, negative, height=height, width=width, num_frames=FRAMES, num_inference_steps=STEPS,
-                  latents=latents, image=image, max_sequence_length=512, **kw)
-    return np.asarray(pipe.last_latents, np.float32), np.asarray(frames, np.float32)
+    gen = pipe(PROMPT, negative, height=height, width=width, num_frames=FRAMES, num_inference_steps=STEPS,
+               latents=latents, image=image, max_sequence_length=512, **kw)
+    return np.asarray(gen.latents, np.float32), np.asarray(gen.frames, np.float32)
 
 
 def _errors(lat, frames, ref_lat, ref_frames):
@@ -146,9 +146,11 @@ def _errors(lat, frames, ref_lat, ref_frames):
             float(np.abs(frames - ref_frames).max()))
 
 
-def _boundary(pipe):
-    sched = schedulers.make_schedule("unipc", STEPS, pipe.scheduler_config.get("flow_shift", 3.0))
-    return sched.timesteps, schedulers.expert_boundary_index(sched.timesteps, pipe.boundary_ratio)
+def _boundary(pipe, boundary_ratio=None):
+    """(timesteps, first low-noise step) of a run with the checkpoint's boundary, or ``boundary_ratio``."""
+    config = pipe.config(image=pipe.family.image_input == "required", boundary_ratio=boundary_ratio)
+    sched = schedulers.make_schedule("unipc", STEPS, config.flow_shift)
+    return sched.timesteps, schedulers.expert_boundary_index(sched.timesteps, config.boundary)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -189,14 +191,9 @@ def test_family_controls_are_visible(case, pipes, reference, measured):
     for name, kw in controls.items():
         if kw.pop("boundary_shift", 0):  # one more step on the high-noise expert: ratio just under t[k]
             timesteps, k = _boundary(pipe)
-            saved, pipe.boundary_ratio = pipe.boundary_ratio, (float(timesteps[k]) - 0.5) / 1000
-            try:
-                assert _boundary(pipe)[1] == k + 1
-                out = _ours(pipe, case, latents, image, **kw)
-            finally:
-                pipe.boundary_ratio = saved
-        else:
-            out = _ours(pipe, case, latents, image, **kw)
+            kw["boundary_ratio"] = (float(timesteps[k]) - 0.5) / 1000
+            assert _boundary(pipe, kw["boundary_ratio"])[1] == k + 1
+        out = _ours(pipe, case, latents, image, **kw)
         lat_max, lat_rel, frames_max = _errors(*out, ref_lat, ref_frames)
         print(f"{case} {name}: latents max abs {lat_max:.2e} rel L2 {lat_rel:.2e}; frames max abs {frames_max:.2e}")
         measured(f"pipeline/{case}/{name}_frames_moved", frames_max, steps=STEPS, control=True)

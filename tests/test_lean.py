@@ -17,7 +17,7 @@ import sys
 from wan_runtime.pipeline import WanPipeline
 from wan_runtime.video import write_mp4
 pipe = WanPipeline.from_converted({str(ck)!r})
-frames = pipe("a fox", height=32, width=32, num_frames=5, num_inference_steps=2, output_type="uint8")
+frames = pipe("a fox", height=32, width=32, num_frames=5, num_inference_steps=2, output_type="uint8").frames
 write_mp4({str(tmp_path / "x.mp4")!r}, frames, fps=8)
 print("loaded:" + ",".join(sorted(m for m in {HEAVY!r} if m in sys.modules)))
 """

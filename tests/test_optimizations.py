@@ -8,8 +8,12 @@ from wan_runtime.pipeline import Dtypes, WanPipeline
 KW = dict(height=32, width=48, num_frames=9, guidance_scale=4.0, seed=3)
 
 
-def _run(pipe, steps=3, **kw):
+def _generate(pipe, steps=3, **kw):
     return pipe("a red fox runs through fresh snow", "blurry", num_inference_steps=steps, **{**KW, **kw})
+
+
+def _run(pipe, steps=3, **kw):
+    return _generate(pipe, steps, **kw).frames
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +40,13 @@ def _denoise_executables(pipe):
 
 
 @pytest.mark.parametrize("which", ["t2v", "a14b"])
-def test_one_loop_equals_per_step_calls_bitwise(which, request, measured):
+def test_one_loop_equals_per_step_calls_bitwise(which, t2v, a14b, measured):
     """The whole loop in one call == the same loop body called once per step from Python (and, for
     Wan 2.2, across the expert boundary)."""
-    pipe = request.getfixturevalue(which)
-    pipe.steps_per_call = None
-    whole = _run(pipe, steps=4)
-    pipe.steps_per_call = 1
-    stepped = _run(pipe, steps=4)
-    pipe.steps_per_call = 3  # uneven chunks: 3 + 1
-    chunked = _run(pipe, steps=4)
-    pipe.steps_per_call = None
+    pipe = {"t2v": t2v, "a14b": a14b}[which]
+    whole = _run(pipe.replace(steps_per_call=None), steps=4)
+    stepped = _run(pipe.replace(steps_per_call=1), steps=4)
+    chunked = _run(pipe.replace(steps_per_call=3), steps=4)  # uneven chunks: 3 + 1
     measured(f"optimization/one_loop_vs_per_step/{which}/max_abs", max_abs(whole, stepped))
     measured(f"optimization/one_loop_vs_3_plus_1/{which}/max_abs", max_abs(whole, chunked))
     assert np.array_equal(whole, stepped) and np.array_equal(whole, chunked)
@@ -76,14 +76,9 @@ def test_text_length_is_part_of_the_loop_key(t2v):
 
 
 def test_kv_cache_on_off(t2v, measured):
-    t2v.kv_cache = True
-    on = _run(t2v)
+    on = _run(t2v.replace(kv_cache=True))
     n = len(_denoise_executables(t2v))
-    t2v.kv_cache = False
-    try:
-        off = _run(t2v)
-    finally:
-        t2v.kv_cache = True
+    off = _run(t2v.replace(kv_cache=False))  # the same weights and compiled stages
     assert len(_denoise_executables(t2v)) == n + 1  # off is another loop (projections inside), not ignored
     err = max_abs(on, off)
     measured("optimization/kv_cache_on_vs_off/max_abs", err)
@@ -146,6 +141,6 @@ def test_weights_recast_equals_cast_at_use(converted, t2v, measured):
 def test_warmup_compiles_everything(converted, tmp_path):
     pipe = WanPipeline.from_converted(converted["wan2.2-t2v-a14b"], compilation_cache=str(tmp_path / "cache"))
     pipe.warmup(32, 48, 9, output_type="np")
-    assert pipe.timings.compile > 0
-    _run(pipe, steps=5, guidance_scale=6.0, guidance_scale_2=2.5)  # crosses the expert boundary
-    assert pipe.timings.compile == 0.0
+    assert pipe.compiled
+    gen = _generate(pipe, steps=5, guidance_scale=6.0, guidance_scale_2=2.5)  # crosses the expert boundary
+    assert gen.timings.compile == 0.0

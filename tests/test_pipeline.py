@@ -76,9 +76,9 @@ def api_pipe(f32_checkpoint):
 
 
 def _api(pipe, guidance, negative=NEGATIVE):
-    frames = pipe(PROMPT, negative, height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=STEPS,
-                  guidance_scale=guidance, latents=_initial_latents())
-    return np.asarray(pipe.last_latents, np.float32), np.asarray(frames, np.float32)
+    gen = pipe(PROMPT, negative, height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=STEPS,
+               guidance_scale=guidance, latents=_initial_latents())
+    return np.asarray(gen.latents, np.float32), np.asarray(gen.frames, np.float32)
 
 
 def _errors(lat, frames, ref_lat, ref_frames):

@@ -7,7 +7,8 @@ fault moves: a ring that skips one hop puts the latents off by 5e-2 to 9e-2, the
 
 Time goes to XLA compiling the pipeline's stages (the VAE decode most), so each (family, mesh) gets one
 pipeline, restored once and reused for every attention mode and request on it (``WanPipeline`` keeps its
-compiled stages; the mode is the pipeline's ``layout``, part of the denoise stage's key); one one-device
+compiled stages; the mode is the pipeline's ``layout``, part of the denoise stage's key: ``replace`` gives
+the pipeline with another mode, sharing its weights and compiled stages); one one-device
 pipeline per family gives every reference; requests are small (12 tokens, 1 frame; TI2V 27 tokens, 9 frames).
 """
 import jax
@@ -59,7 +60,8 @@ def tiny8(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipeline(tiny8):
     """``pipeline(family, mesh=None, mode="auto")``: one float32 pipeline per (family, mesh), restored once
-    and kept with its compiled stages; ``mode`` sets its context-attention mode for the next call.
+    and kept with its compiled stages; returned with the context-attention ``mode`` (``replace``: the same
+    weights and compiled stages).
 
     The text-encoder and VAE-decode stages depend only on that model's config, the mesh and the shapes
     (not on the mode), so a pipeline takes those another family compiled on the same mesh for an equal
@@ -80,8 +82,8 @@ def pipeline(tiny8):
                 for key, exe in other._compiled.items():
                     if same.get(key[0]):
                         pipe._compiled.setdefault(key, exe)
-        if mesh is not None:  # what from_converted(context_attention=mode) would set
-            pipe.layout = shd.Layout(pipe.mesh, mode)
+        if mesh is not None:  # as from_converted(context_attention=mode) would set it
+            pipe = pipe.replace(context_attention=mode)
         return pipe
     return get
 
@@ -101,15 +103,20 @@ def reference(pipeline):
 
 def _generate(pipe, fam, **request):
     """A 3-step generation from a fixed seed: (float frames in [0, 1], final latents)."""
+    gen = _call(pipe, fam, **request)
+    return gen.frames, np.asarray(gen.latents)
+
+
+def _call(pipe, fam, **request):
+    """The Generation of a 3-step run from a fixed seed."""
     from PIL import Image
 
     image = None
     if fam == TI2V:  # with an image: per-token timesteps (frame 0 at t = 0)
         image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8))
     request = {"guidance_scale": 4.0, **({"guidance_scale_2": 3.0} if fam == W22 else {}), **request}
-    frames = pipe("a red fox runs through fresh snow", "blurry", **SIZE[fam], num_inference_steps=STEPS,
-                  flow_shift=3.0, seed=0, output_type="np", image=image, **request)
-    return frames, np.asarray(pipe.last_latents)
+    return pipe("a red fox runs through fresh snow", "blurry", **SIZE[fam], num_inference_steps=STEPS,
+                flow_shift=3.0, seed=0, output_type="np", image=image, **request)
 
 
 def _max_abs(a, b) -> float:
@@ -198,10 +205,11 @@ def test_cfg_cache_on_data(pipeline, reference, measured):
     data axis cannot split), uncond from the cache. Gives the one-device result."""
     from wan_runtime import caching
 
-    mesh, request = "data=2", dict(cache=caching.CacheConfig(policy="cfg", cfg_interval=2))
+    mesh, request = "data=2", dict(cache=caching.CFGCache(interval=2).validate())
     pipe = pipeline(W21, mesh)
-    frames, latents = _generate(pipe, W21, **request)
-    assert pipe.last_block_runs.tolist() == [STEPS, STEPS - 1]  # (cond, uncond): one uncond pass reused
+    gen = _call(pipe, W21, **request)
+    frames, latents = gen.frames, np.asarray(gen.latents)
+    assert gen.block_runs.tolist() == [STEPS, STEPS - 1]  # (cond, uncond): one uncond pass reused
     ref_frames, ref_latents = reference(W21, **request)
     lat_err, frame_err = _max_abs(latents, ref_latents), _max_abs(frames, ref_frames)
     info = dict(mesh=mesh, mode="auto", family=W21, **SIZE[W21], steps=STEPS)

@@ -61,37 +61,34 @@ def measure(workdir: pathlib.Path, size: str = "small", steps: int = 20, height:
               guidance_scale=5.0, seed=0, output_type="uint8")
     prompt = "a red fox runs through fresh snow"
     ratios = calibrate_magcache.calibrate(pipe, "a cat walks on the grass", steps, **{**kw, "output_type": "np"})
-    calibration = {"models": {"bench": {"steps": steps, "mag_ratios": ratios,
-                                        "recommended": {"thresh": 0.1, "K": 2, "retention": 0.2}}}}
-    mag = lambda **k: caching.CacheConfig(policy="magcache", model="bench", retention=0.2, **k)  # noqa: E731
+    calibration = workdir / f"calibration-{size}-{steps}.json"
+    calibration.write_text(json.dumps({"models": {"bench": {
+        "steps": steps, "mag_ratios": ratios, "recommended": {"thresh": 0.1, "K": 2, "retention": 0.2}}}}))
+    mag = lambda **k: caching.MagCache(model="bench", calibration=str(calibration), retention=0.2, **k)  # noqa: E731
     policies = {
-        "dense": None,
+        "dense": caching.Dense(),
         "magcache thresh 0 (all run)": mag(thresh=0.0, K=2),  # the caching machinery, nothing skipped
         "magcache thresh 0.06 K 2": mag(thresh=0.06, K=2),
         "magcache thresh 0.12 K 3": mag(thresh=0.12, K=3),
-        "cfg cache interval 2": caching.CacheConfig(policy="cfg", cfg_interval=2),
+        "cfg cache interval 2": caching.CFGCache(interval=2),
         # TeaCache's published coefficients are for the real 1.3B; on random weights they only set a pace
-        "teacache thresh 0.3": caching.CacheConfig(policy="teacache", model="ret_steps_1.3B", teacache_thresh=0.3),
-        "firstblock thresh 0.1": caching.CacheConfig(policy="firstblock", firstblock_thresh=0.1),
+        "teacache thresh 0.3": caching.TeaCache(thresh=0.3, model="ret_steps_1.3B"),
+        "firstblock thresh 0.1": caching.FirstBlockCache(thresh=0.1),
     }
-    calls = {}
-    for name, cfg in policies.items():
-        dynamic = cfg is not None and cfg.policy in ("teacache", "firstblock")
-        plan = None if cfg is None or dynamic else caching.step_plan(cfg, steps, calibration=calibration)
-        calls[name] = dict(cache=cfg) if dynamic else dict(step_plan=plan)
-        pipe(prompt, num_inference_steps=steps, **calls[name], **kw)  # compile + warm
+    for name, policy in policies.items():
+        pipe(prompt, num_inference_steps=steps, cache=policy.validate(), **kw)  # compile + warm
     # interleaved rounds, median of each: these machines drift (+-10% run to run), and a slow minute must
     # not land on one policy
     times, runs = {name: [] for name in policies}, {}
     for _ in range(repeat):
-        for name, cfg in policies.items():
-            out = pipe(prompt, num_inference_steps=steps, **calls[name], **kw)
-            times[name].append(pipe.timings.denoise)
-            forwards = 2 * steps if pipe.last_block_runs is None else int(pipe.last_block_runs.sum())
-            if cfg is not None and cfg.policy == "firstblock":  # block 0 always runs: count in block units
+        for name, policy in policies.items():
+            gen = pipe(prompt, num_inference_steps=steps, cache=policy, **kw)
+            times[name].append(gen.timings.denoise)
+            forwards = 2 * steps if gen.block_runs is None else int(gen.block_runs.sum())
+            if isinstance(policy, caching.FirstBlockCache):  # block 0 always runs: count in block units
                 n_layers = pipe.tcfgs[0].num_layers
                 forwards = (2 * steps + forwards * (n_layers - 1)) / n_layers
-            runs[name] = (forwards, out)
+            runs[name] = (forwards, gen.frames)
     base_f, base_out = runs["dense"]
     rows = []
     for name, (f, out) in runs.items():

@@ -39,11 +39,10 @@ def main(argv=None) -> int:
         for dt in ("float32", "bfloat16"):
             ck = convert(args.source, pathlib.Path(tmp) / dt, weights_dtype=dt).output
             pipe = WanPipeline.from_converted(ck, dtype=dt)
-            outs = []
-            for seed in range(args.seeds):
-                outs.append(pipe("a red fox runs through fresh snow", height=args.height, width=args.width,
-                                 num_frames=args.frames, num_inference_steps=args.steps, seed=seed, output_type="uint8"))
-            runs[dt] = (outs, pipe.timings.denoise)
+            gens = [pipe("a red fox runs through fresh snow", height=args.height, width=args.width,
+                         num_frames=args.frames, num_inference_steps=args.steps, seed=seed, output_type="uint8")
+                    for seed in range(args.seeds)]
+            runs[dt] = ([g.frames for g in gens], gens[-1].timings.denoise)
         print(f"bf16 vs float32 on {args.source} ({args.height}x{args.width}, {args.frames} frames, {args.steps} steps)")
         print(f"{'seed':>5} {'PSNR dB (uint8, peak 255)':>26}")
         vals = []

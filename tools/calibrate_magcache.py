@@ -21,10 +21,11 @@ sys.path[:0] = [str(ROOT / "runtime")]
 
 
 def calibrate(pipe, prompt: str, steps: int, **kw) -> list[float]:
+    from wan_runtime import caching
+
     plan = np.ones((steps, 3), bool)
     plan[:, 2] = False
-    pipe(prompt, num_inference_steps=steps, step_plan=plan, **kw)
-    ratios = pipe.last_mag_ratios  # (steps, branches)
+    ratios = pipe(prompt, num_inference_steps=steps, cache=caching.FixedPlan(plan), **kw).mag_ratios  # (steps, branches)
     if ratios.shape[1] == 1:  # no guidance: duplicate so the layout stays [cond, uncond]
         ratios = np.repeat(ratios, 2, axis=1)
     return [round(float(v), 5) for v in ratios.reshape(-1)]
@@ -54,11 +55,11 @@ def main(argv=None) -> int:
     ratios = calibrate(pipe, args.prompt, args.steps, negative_prompt=args.negative_prompt or DEFAULT_NEGATIVE,
                        height=args.height, width=args.width, num_frames=args.frames, guidance_scale=args.guidance,
                        guidance_scale_2=args.guidance_2, flow_shift=args.flow_shift, seed=args.seed)
-    shift = args.flow_shift if args.flow_shift is not None else pipe.scheduler_config.get("flow_shift")
-    entry = {"steps": args.steps, "flow_shift": shift, "mag_ratios": ratios,
+    config = pipe.config(flow_shift=args.flow_shift)
+    entry = {"steps": args.steps, "flow_shift": config.flow_shift, "mag_ratios": ratios,
              "recommended": {"thresh": 0.06, "K": 2, "retention": 0.2}}
-    if pipe.boundary_ratio is not None and len(pipe.experts) > 1:
-        entry["boundary_ratio"] = pipe.boundary_ratio
+    if config.boundary is not None and len(pipe.experts) > 1:
+        entry["boundary_ratio"] = config.boundary
     data = json.loads(args.out.read_text()) if args.out.exists() else {"models": {}}
     data.setdefault("models", {})[args.name] = entry
     args.out.write_text(json.dumps(data, indent=1) + "\n")

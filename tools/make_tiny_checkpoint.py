@@ -17,7 +17,12 @@ import json
 import pathlib
 import sys
 
-FAMILIES = ("wan2.1-t2v", "wan2.1-i2v", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT / "runtime") not in sys.path:
+    sys.path.insert(0, str(ROOT / "runtime"))
+from wan_runtime import families  # noqa: E402  (JAX-free: the one registry of Wan families)
+
+FAMILIES = families.NAMES
 
 # Text encoder width == transformer text_dim.
 VOCAB_SIZE = 384
@@ -157,12 +162,11 @@ def build_pipeline(family: str, seed: int = 0):
     import torch
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    fam = families.get(family)
     torch.manual_seed(seed)
-    i2v = family in ("wan2.1-i2v", "wan2.2-i2v-a14b")  # (TI2V is not one: it conditions by first-frame latents)
-    ti2v = family == "wan2.2-ti2v-5b"
-    two_experts = family.endswith("a14b")
+    i2v = fam.image_mode == "concat"  # (TI2V is not one: it conditions by first-frame latents)
+    ti2v = fam.image_mode == "expand"
+    two_experts = fam.experts == 2
     in_ch, out_ch = (36, 16) if i2v else ((48, 48) if ti2v else (16, 16))
     kwargs = dict(
         tokenizer=build_tokenizer(),
@@ -172,14 +176,14 @@ def build_pipeline(family: str, seed: int = 0):
             prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
             flow_shift=5.0 if ti2v else 3.0,
         ),
-        transformer=build_transformer(in_ch, out_ch, image_dim=4 if family == "wan2.1-i2v" else None),
+        transformer=build_transformer(in_ch, out_ch, image_dim=4 if fam.clip else None),
     )
     if two_experts:
         kwargs["transformer_2"] = build_transformer(in_ch, out_ch)
         kwargs["boundary_ratio"] = 0.9 if i2v else 0.875
     if ti2v:
         kwargs["expand_timesteps"] = True
-    if family == "wan2.1-i2v":
+    if fam.clip:
         kwargs["image_encoder"], kwargs["image_processor"] = build_clip()
     cls = WanImageToVideoPipeline if i2v else WanPipeline
     gen = torch.Generator().manual_seed(seed + 1)

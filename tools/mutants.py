@@ -29,7 +29,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COPY = ("conftest.py", "pyproject.toml", "runtime", "convert", "tools", "tests", "configs", "assets")
-PIPELINE = "runtime/wan_runtime/pipeline.py"
+PIPELINE, LOOP = "runtime/wan_runtime/pipeline.py", "runtime/wan_runtime/denoise.py"
 FAMILY_TESTS = ["tests/test_families.py", "tests/test_pipeline.py"]
 
 
@@ -44,26 +44,26 @@ class Mutant:
 
 
 _AWAY = ("(((np.asarray({0}, np.float32).view(np.uint32) + np.uint32(0x8000)) & np.uint32(0xFFFF0000))"
-         ".view(np.float32) if buf.dtype.name == 'bfloat16' else {0})")
+         ".view(np.float32) if {1}.dtype.name == 'bfloat16' else {0})")
 
 MUTANTS = [
-    Mutant("guidance-ignored", PIPELINE, "v = v[1:] + guidance[k] * (v[:1] - v[1:])", "v = v[:1]", FAMILY_TESTS),
-    Mutant("guidance-2-ignored", PIPELINE, "v = v[1:] + guidance[k] * (v[:1] - v[1:])",
+    Mutant("guidance-ignored", LOOP, "v = v[1:] + guidance[k] * (v[:1] - v[1:])", "v = v[:1]", FAMILY_TESTS),
+    Mutant("guidance-2-ignored", LOOP, "v = v[1:] + guidance[k] * (v[:1] - v[1:])",
            "v = v[1:] + guidance[0] * (v[:1] - v[1:])", FAMILY_TESTS),
     Mutant("negative-prompt-ignored", PIPELINE, "prompts = [prompt, negative_prompt] if do_cfg else [prompt]",
            'prompts = [prompt, ""] if do_cfg else [prompt]', FAMILY_TESTS),
-    Mutant("expert-boundary-off-by-one", PIPELINE, "jax.lax.cond(i < boundary,", "jax.lax.cond(i <= boundary,",
+    Mutant("expert-boundary-off-by-one", LOOP, "jax.lax.cond(i < boundary,", "jax.lax.cond(i <= boundary,",
            FAMILY_TESTS),
-    Mutant("cfg-cache-rebuild-without-difference", PIPELINE, 'v[:1] - cache["diff"]', "v[:1]",
+    Mutant("cfg-cache-rebuild-without-difference", LOOP, 'v[:1] - cache["diff"]', "v[:1]",
            ["tests/test_caching.py"]),
-    Mutant("teacache-accumulator-never-reset", PIPELINE, '"acc": jnp.where(compute, 0.0, acc)', '"acc": acc',
+    Mutant("teacache-accumulator-never-reset", "runtime/wan_runtime/caching.py", '"acc": jnp.where(compute, 0.0, acc)', '"acc": acc',
            ["tests/test_caching.py"]),
     Mutant("crc-skipped-on-mapped-chunks", "runtime/wan_runtime/checkpoint.py",
            'if int.from_bytes(os.pread(fd, 4, dest.nbytes), "little") != _crc32c(memoryview(dest)):', "if False:",
            ["tests/reliability/test_checkpoints.py", "tests/test_restore.py"]),
-    Mutant("bf16-ties-away-from-zero", "convert/wan_convert/convert.py", 'np.copyto(buf, src, casting="unsafe")',
-           f'np.copyto(buf, {_AWAY.format("src")}, casting="unsafe")', ["tests/test_convert.py"],
-           also=(('np.copyto(buf, part, casting="unsafe")', f'np.copyto(buf, {_AWAY.format("part")}, casting="unsafe")'),)),
+    Mutant("bf16-ties-away-from-zero", "convert/wan_convert/transforms.py",
+           'np.copyto(out, x[region], casting="unsafe")',
+           f'np.copyto(out, {_AWAY.format("x[region]", "out")}, casting="unsafe")', ["tests/test_convert.py"]),
 ]
 
 

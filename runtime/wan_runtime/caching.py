@@ -34,29 +34,9 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
-
-POLICIES = ("none", "magcache", "cfg", "teacache", "firstblock")
-
-#: calibration keys whose published script runs MagCache4Wan2.2 in "i2v" mode (high-noise expert uncached)
-HIGH_NOISE_UNCACHED = frozenset({"wan2.2_i2v_A14B"})
-
-#: preset name (configs/*.toml stem) -> calibration key; TI2V-5B has a curve per task
-#: preset -> TeaCache4Wan2.1 coefficients (the modulated-embedding variant); Wan 2.2 has none published
-TEACACHE_MODELS = {
-    "wan2.1-t2v-1.3b": "ret_steps_1.3B", "wan2.1-t2v-14b": "ret_steps_14B",
-    "wan2.1-i2v-14b-480p": "ret_steps_i2v_480P", "wan2.1-i2v-14b-720p": "ret_steps_i2v_720P",
-}
-
-PRESET_MODELS = {
-    "wan2.1-t2v-1.3b": "wan2.1_t2v_1.3B", "wan2.1-t2v-14b": "wan2.1_t2v_14B",
-    "wan2.1-i2v-14b-480p": "wan2.1_i2v_14B_480P", "wan2.1-i2v-14b-720p": "wan2.1_i2v_14B_720P",
-    "wan2.2-t2v-a14b": "wan2.2_t2v_A14B", "wan2.2-i2v-a14b": "wan2.2_i2v_A14B",
-    "wan2.2-ti2v-5b": ("wan2.2_ti2v_5B_t2v", "wan2.2_ti2v_5B_i2v"),
-}
-
 
 # ---------------------------------------------------------------------------------------- calibration
 def calibration_path() -> pathlib.Path:
@@ -83,12 +63,6 @@ def model_entry(calibration: Mapping[str, Any], key: str | None) -> dict:
     if key not in models:
         raise ValueError(f"--cache-model: unknown calibration {key!r}; available: {', '.join(sorted(models))}")
     return models[key]
-
-
-def model_key_for_preset(preset: str, image: bool = False) -> str | None:
-    """The calibration curve for a preset name (None: no published curve, e.g. 'tiny')."""
-    key = PRESET_MODELS.get(preset)
-    return key[bool(image)] if isinstance(key, tuple) else key
 
 
 def curve_for_steps(mag_ratios, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,68 +179,7 @@ def teacache_forced_steps(num_steps: int, use_ret_steps: bool) -> np.ndarray:
     return i < 5 if use_ret_steps else (i < 1) | (i >= num_steps - 1)
 
 
-# ---------------------------------------------------------------------------------------- config
-@dataclasses.dataclass(frozen=True)
-class CacheConfig:
-    """Step-caching settings; the CLI flag of each field is in its comment. None: the curve's
-    recommended value (MagCache) or the documented default."""
-    policy: str = "none"             # --cache: none | magcache | cfg | teacache | firstblock
-    thresh: float | None = None      # --cache-thresh: MagCache accumulated-error bound
-    K: int | None = None             # --cache-k: MagCache max consecutive skips per branch
-    retention: float | None = None   # --cache-retention: MagCache fraction of calls always computed
-    model: str | None = None         # --cache-model: key into the calibration file
-    cfg_interval: int = 2            # --cfg-cache-interval: one full step every `interval`
-    cfg_start: int | None = None     # --cfg-cache-start: first step that may reuse (None: 20 % of the steps)
-    cfg_end: int | None = None       # --cfg-cache-end: steps >= end run fully (None: no end)
-    teacache_thresh: float = 0.2     # --teacache-thresh (TeaCache4Wan2.1's default)
-    firstblock_thresh: float = 0.05  # --firstblock-thresh (diffusers FirstBlockCacheConfig's default)
-    calibration: str | None = None   # --cache-calibration: a calibration JSON (default: configs/)
-
-    FLAGS = {"policy": "cache", "thresh": "cache_thresh", "K": "cache_k", "retention": "cache_retention",
-             "model": "cache_model", "cfg_interval": "cfg_cache_interval", "cfg_start": "cfg_cache_start",
-             "cfg_end": "cfg_cache_end", "teacache_thresh": "teacache_thresh",
-             "firstblock_thresh": "firstblock_thresh", "calibration": "cache_calibration"}
-
-    @classmethod
-    def from_preset(cls, preset: Mapping[str, Any]) -> "CacheConfig":
-        """From preset/CLI settings named like the flags (cache, cache_thresh, cache_k, ...); other keys
-        and None values are ignored."""
-        kw = {f: preset[k] for f, k in cls.FLAGS.items() if preset.get(k) is not None}
-        return cls(**kw).validate()
-
-    def validate(self) -> "CacheConfig":
-        def bad(field, msg):
-            raise ValueError(f"--{self.FLAGS[field].replace('_', '-')}: {msg}")
-
-        def number(v):
-            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
-
-        def integer(v):
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        if self.policy not in POLICIES:
-            bad("policy", f"must be one of {', '.join(POLICIES)}, not {self.policy!r}")
-        for f in ("thresh", "teacache_thresh", "firstblock_thresh"):
-            v = getattr(self, f)
-            if v is not None and not (number(v) and v >= 0):
-                bad(f, "must be >= 0")
-        if self.K is not None and not (integer(self.K) and self.K >= 0):
-            bad("K", "must be an integer >= 0")
-        if self.retention is not None and not (number(self.retention) and 0 <= self.retention <= 1):
-            bad("retention", "must be in [0, 1]")
-        if not (integer(self.cfg_interval) and self.cfg_interval >= 1):
-            bad("cfg_interval", "must be an integer >= 1")
-        for f in ("cfg_start", "cfg_end"):
-            v = getattr(self, f)
-            if v is not None and not (integer(v) and v >= 0):
-                bad(f, "must be an integer >= 0")
-        if self.cfg_start is not None and self.cfg_end is not None and self.cfg_end <= self.cfg_start:
-            bad("cfg_end", "must be > --cfg-cache-start")
-        if self.model is not None and not isinstance(self.model, str):
-            bad("model", "must be a calibration key")
-        return self
-
-
+# ---------------------------------------------------------------------------------------- warnings
 def calibration_warning(model_entry: Mapping[str, Any], num_steps: int, flow_shift: float | None,
                         boundary_ratio: float | None) -> str | None:
     """A warning when a run's flow_shift or expert boundary differ from those the curve was calibrated
@@ -283,36 +196,306 @@ def calibration_warning(model_entry: Mapping[str, Any], num_steps: int, flow_shi
             f"up with the curve's and skipping may cost quality")
 
 
-def step_plan(config: CacheConfig, num_steps: int, *, calibration: Mapping[str, Any] | None = None,
-              boundary_index: int | None = None, do_cfg: bool = True) -> np.ndarray | None:
-    """The pipeline's per-step plan, bool (N, 3): (compute cond blocks, compute uncond blocks, uncond
-    from the CFG cache); None for a dense run. ``boundary_index``: first low-noise step (two experts)."""
-    if config.policy == "none":
+# ---------------------------------------------------------------------------------------- policies
+class StepView(tuple):
+    """What a policy's traced decision may look at in one model evaluation: the block input ``tokens``
+    (rows, S, D), the time embedding ``temb`` and its projection ``temb_proj`` (the modulation input),
+    and ``first_block()``, which runs block 0 on every row and returns its output."""
+
+    __slots__ = ()
+
+    def __new__(cls, tokens, temb, temb_proj, first_block):
+        return super().__new__(cls, (tokens, temb, temb_proj, first_block))
+
+    tokens = property(lambda self: self[0])
+    temb = property(lambda self: self[1])
+    temb_proj = property(lambda self: self[2])
+    first_block = property(lambda self: self[3])
+
+
+def _bad(flag: str, msg: str):
+    raise ValueError(f"--{flag}: {msg}")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _integer(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A step-caching policy. The denoise loop calls one interface:
+
+    - ``validate()``: the settings (flag-named errors), before any weights load;
+    - ``plan(steps, boundary_index, do_cfg)``: the host-side plan, bool (steps, 3): (compute cond blocks,
+      compute uncond blocks, uncond rebuilt from the CFG cache); for data-dependent policies the steps that
+      must compute (column 0). None: dense, no caching machinery at all;
+    - ``state(rows, tokens, dim, per_token)``: the policy's own traced state (thresholds live here, so one
+      executable serves every value); ``per_token``: timestep embeddings are per token (TI2V with an image);
+    - ``decide(state, plan_row, view)`` (traced): per batch row, whether its blocks run at this step;
+      returns (compute bool (rows,), state, block input, first block to run).
+
+    ``HOST`` names the fields only the host side reads: ``traced()`` drops them, so they are not part of the
+    compiled executable's key."""
+
+    name: ClassVar[str] = "none"
+    HOST: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self) -> "Policy":
+        return self
+
+    def plan(self, steps: int, *, boundary_index: int | None = None, do_cfg: bool = True) -> np.ndarray | None:
         return None
-    plan = np.zeros((num_steps, 3), bool)
-    if config.policy == "magcache":
-        calibration = load_calibration() if calibration is None else calibration
-        entry = model_entry(calibration, config.model)
-        ours = {"thresh": config.thresh, "K": config.K, "retention": config.retention}
+
+    def state(self, rows: int, tokens: int, dim: int, per_token: bool = False) -> dict:
+        return {}
+
+    def decide(self, state, plan_row, view: StepView):
+        """Plan-driven policies: the host plan says which rows compute."""
+        rows = view.tokens.shape[0]
+        return plan_row[:rows], state, view.tokens, 0
+
+    def traced(self) -> "Policy":
+        return dataclasses.replace(self, **{f: None for f in self.HOST})
+
+    def warning(self, steps: int, flow_shift: float | None, boundary_ratio: float | None) -> str | None:
+        return None
+
+    def settings(self) -> dict:
+        """The settings as recorded in the sidecar JSON."""
+        d = {"policy": self.name, **dataclasses.asdict(self)}
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(Policy):
+    """No caching: every step runs every block."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedPlan(Policy):
+    """A given plan, bool (steps, 3) as ``Policy.plan`` returns (tests, calibration, benchmarks)."""
+
+    name: ClassVar[str] = "plan"
+    HOST: ClassVar[tuple[str, ...]] = ("steps",)
+    steps: Any = None
+
+    def validate(self) -> "FixedPlan":
+        a = np.asarray(self.steps)
+        if a.ndim != 2 or a.shape[1] != 3:
+            raise ValueError(f"step plan: expected a bool (steps, 3) array, got shape {list(a.shape)}")
+        return self
+
+    def plan(self, steps, *, boundary_index=None, do_cfg=True):
+        a = np.asarray(self.steps, bool)
+        if a.shape[0] != steps:
+            raise ValueError(f"step plan: {a.shape[0]} rows for {steps} steps")
+        return a
+
+
+@dataclasses.dataclass(frozen=True)
+class MagCache(Policy):
+    """MagCache (see the module docstring): a branch skips its blocks while the accumulated error of the
+    calibrated magnitude ratios stays under ``thresh``, at most ``K`` times in a row; decided on the host."""
+
+    name: ClassVar[str] = "magcache"
+    HOST: ClassVar[tuple[str, ...]] = ("thresh", "K", "retention", "model", "calibration", "high_noise")
+    thresh: float | None = None      # --cache-thresh (None: the curve's recommended value)
+    K: int | None = None             # --cache-k
+    retention: float | None = None   # --cache-retention
+    model: str | None = None         # --cache-model: key into the calibration file
+    calibration: str | None = None   # --cache-calibration (default: configs/cache_calibration.json)
+    high_noise: bool = True          # False: the high-noise expert always computes (MagCache4Wan2.2 "i2v")
+
+    def validate(self) -> "MagCache":
+        if self.thresh is not None and not (_number(self.thresh) and self.thresh >= 0):
+            _bad("cache-thresh", "must be >= 0")
+        if self.K is not None and not (_integer(self.K) and self.K >= 0):
+            _bad("cache-k", "must be an integer >= 0")
+        if self.retention is not None and not (_number(self.retention) and 0 <= self.retention <= 1):
+            _bad("cache-retention", "must be in [0, 1]")
+        if not isinstance(self.model, str):
+            _bad("cache-model", "no published magcache calibration for this model; pass --cache-model (and "
+                 "--cache-calibration, see tools/calibrate_magcache.py)")
+        model_entry(self._calibration(), self.model)
+        return self
+
+    def _calibration(self) -> dict:
+        try:
+            return load_calibration(self.calibration)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--cache-calibration: {e}") from None
+
+    def plan(self, steps, *, boundary_index=None, do_cfg=True):
+        entry = model_entry(self._calibration(), self.model)
+        ours = {"thresh": self.thresh, "K": self.K, "retention": self.retention}
         s = {k: entry["recommended"][k] if v is None else v for k, v in ours.items()}
-        plan[:, 0], plan[:, 1] = magcache_plan(
-            entry["mag_ratios"], num_steps, s["thresh"], s["K"], s["retention"], boundary_index, do_cfg,
-            cache_high_noise=config.model not in HIGH_NOISE_UNCACHED)
-        return plan
-    if config.policy == "cfg":
+        out = np.zeros((steps, 3), bool)
+        out[:, 0], out[:, 1] = magcache_plan(entry["mag_ratios"], steps, s["thresh"], s["K"], s["retention"],
+                                             boundary_index, do_cfg, cache_high_noise=self.high_noise)
+        return out
+
+    def warning(self, steps, flow_shift, boundary_ratio):
+        return calibration_warning(model_entry(self._calibration(), self.model), steps, flow_shift, boundary_ratio)
+
+
+@dataclasses.dataclass(frozen=True)
+class CFGCache(Policy):
+    """CFG cache (FasterCache-style): on cache steps only the conditional branch runs; the unconditional
+    prediction is rebuilt as cond - (cond - uncond) of the last full step (see ``cfg_cache_plan``)."""
+
+    name: ClassVar[str] = "cfg"
+    HOST: ClassVar[tuple[str, ...]] = ("interval", "start", "end")
+    interval: int | None = 2         # --cfg-cache-interval: one full step every `interval`
+    start: int | None = None         # --cfg-cache-start (None: 20 % of the steps)
+    end: int | None = None           # --cfg-cache-end (None: no end)
+
+    def validate(self) -> "CFGCache":
+        if not (_integer(self.interval) and self.interval >= 1):
+            _bad("cfg-cache-interval", "must be an integer >= 1")
+        for flag, v in (("cfg-cache-start", self.start), ("cfg-cache-end", self.end)):
+            if v is not None and not (_integer(v) and v >= 0):
+                _bad(flag, "must be an integer >= 0")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            _bad("cfg-cache-end", "must be > --cfg-cache-start")
+        return self
+
+    def plan(self, steps, *, boundary_index=None, do_cfg=True):
         if not do_cfg:
             return None
-        start = int(0.2 * num_steps) if config.cfg_start is None else config.cfg_start
-        reuse = cfg_cache_plan(num_steps, start, config.cfg_interval, config.cfg_end, boundary_index)
-        plan[:, 0], plan[:, 1], plan[:, 2] = True, ~reuse, reuse
-        return plan
-    if config.policy in ("teacache", "firstblock"):
-        # decided inside the loop from the data; the host plan only forces full steps (column 0): TeaCache's
-        # retention / final steps, FirstBlockCache's first step, and the first step of each expert
-        use_ret = config.policy == "teacache" and str(config.model or "").startswith("ret_steps_")
-        forced = teacache_forced_steps(num_steps, use_ret) if config.policy == "teacache" else np.arange(num_steps) < 1
-        if boundary_index is not None and 0 < boundary_index < num_steps:
-            forced[boundary_index] = True
-        plan[:, 0] = forced
-        return plan
-    raise ValueError(f"--cache: unknown policy {config.policy!r}")
+        start = int(0.2 * steps) if self.start is None else self.start
+        reuse = cfg_cache_plan(steps, start, self.interval, self.end, boundary_index)
+        out = np.zeros((steps, 3), bool)
+        out[:, 0], out[:, 1], out[:, 2] = True, ~reuse, reuse
+        return out
+
+
+def _forced(forced: np.ndarray, boundary_index: int | None) -> np.ndarray:
+    """A data-dependent policy's host plan: column 0 = steps that compute every row (and reset), the
+    first step of the low-noise expert among them."""
+    steps = forced.shape[0]
+    if boundary_index is not None and 0 < boundary_index < steps:
+        forced[boundary_index] = True
+    out = np.zeros((steps, 3), bool)
+    out[:, 0] = forced
+    return out
+
+
+def _relative_change(new, prev):
+    """mean |new - prev| / mean |prev| per row (over every other axis)."""
+    import jax.numpy as jnp
+
+    axes = tuple(range(1, new.ndim))
+    return jnp.abs(new - prev).mean(axes) / jnp.maximum(jnp.abs(prev).mean(axes), 1e-30)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeaCache(Policy):
+    """TeaCache4Wan2.1: per row, the relative L1 change of the timestep embedding (the modulated one, e0,
+    for the ``ret_steps_*`` coefficients) is rescaled by the calibrated polynomial and accumulated; the
+    row skips its blocks while the sum stays under ``thresh`` and computes (resetting it) otherwise."""
+
+    name: ClassVar[str] = "teacache"
+    HOST: ClassVar[tuple[str, ...]] = ("thresh", "calibration")
+    thresh: float | None = 0.2       # --teacache-thresh (TeaCache4Wan2.1's default)
+    model: str | None = None         # --cache-model: coefficients key, e.g. ret_steps_1.3B
+    calibration: str | None = None   # --cache-calibration
+
+    @property
+    def modulated(self) -> bool:
+        return str(self.model).startswith("ret_steps_")
+
+    def validate(self) -> "TeaCache":
+        if not (_number(self.thresh) and self.thresh >= 0):
+            _bad("teacache-thresh", "must be >= 0")
+        if not isinstance(self.model, str):
+            _bad("cache-model", "no published teacache coefficients for this model; pass --cache-model")
+        self._coefficients()
+        return self
+
+    def _coefficients(self) -> np.ndarray:
+        try:
+            cal = load_calibration(self.calibration)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--cache-calibration: {e}") from None
+        return teacache_coefficients(cal, self.model)
+
+    def plan(self, steps, *, boundary_index=None, do_cfg=True):
+        return _forced(teacache_forced_steps(steps, self.modulated), boundary_index)
+
+    def state(self, rows, tokens, dim, per_token=False):
+        e = (rows,) + ((tokens,) if per_token else ()) + ((6, dim) if self.modulated else (dim,))
+        return {"prev_e": np.zeros(e, np.float32), "acc": np.zeros((rows,), np.float32),
+                "coef": self._coefficients().astype(np.float32), "thresh": np.float32(self.thresh)}
+
+    def decide(self, state, plan_row, view):
+        import jax.numpy as jnp
+
+        e = (view.temb_proj if self.modulated else view.temb).astype(jnp.float32)
+        acc = state["acc"] + jnp.polyval(state["coef"], _relative_change(e, state["prev_e"]))
+        compute = plan_row[0] | (acc >= state["thresh"]) | (state["thresh"] <= 0)  # thresh 0: never skip
+        return compute, {**state, "acc": jnp.where(compute, 0.0, acc), "prev_e": e}, view.tokens, 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstBlockCache(Policy):
+    """First-block cache: block 0 always runs; the remaining blocks of a row are skipped while block 0's
+    residual changed less than ``thresh`` (relative L1) against the last computed step's."""
+
+    name: ClassVar[str] = "firstblock"
+    HOST: ClassVar[tuple[str, ...]] = ("thresh",)
+    thresh: float | None = 0.05      # --firstblock-thresh (diffusers FirstBlockCacheConfig's default)
+
+    def validate(self) -> "FirstBlockCache":
+        if not (_number(self.thresh) and self.thresh >= 0):
+            _bad("firstblock-thresh", "must be >= 0")
+        return self
+
+    def plan(self, steps, *, boundary_index=None, do_cfg=True):
+        return _forced(np.arange(steps) < 1, boundary_index)
+
+    def state(self, rows, tokens, dim, per_token=False):
+        return {"r1": np.zeros((rows, tokens, dim), np.float32), "thresh": np.float32(self.thresh)}
+
+    def decide(self, state, plan_row, view):
+        import jax.numpy as jnp
+
+        h1 = view.first_block()
+        r1, prev = (h1 - view.tokens).astype(jnp.float32), state["r1"]
+        compute = plan_row[0] | (_relative_change(r1, prev) >= state["thresh"])
+        return compute, {**state, "r1": jnp.where(compute[:, None, None], r1, prev)}, h1, 1
+
+
+#: --cache NAME -> policy class; one name per policy
+POLICIES: dict[str, type[Policy]] = {c.name: c for c in (Dense, MagCache, CFGCache, TeaCache, FirstBlockCache)}
+
+#: setting (flag) name -> (policy, field); the settings of policies other than the chosen one are ignored
+SETTINGS = {"cache_thresh": ("magcache", "thresh"), "cache_k": ("magcache", "K"),
+            "cache_retention": ("magcache", "retention"), "cfg_cache_interval": ("cfg", "interval"),
+            "cfg_cache_start": ("cfg", "start"), "cfg_cache_end": ("cfg", "end"),
+            "teacache_thresh": ("teacache", "thresh"), "firstblock_thresh": ("firstblock", "thresh")}
+
+
+def from_settings(settings: Mapping[str, Any], family=None, variant=None, image: bool = False) -> Policy:
+    """The policy named by ``settings["cache"]`` (None: "none") with its flag-named settings (None values
+    are ignored); the calibration curve defaults to the published variant's (``families.Variant``),
+    validated. Errors name the flag."""
+    name = settings.get("cache") or "none"
+    if name not in POLICIES:
+        _bad("cache", f"must be one of {', '.join(POLICIES)}, not {name!r}")
+    cls = POLICIES[name]
+    kw = {field: settings[k] for k, (pol, field) in SETTINGS.items() if pol == name and settings.get(k) is not None}
+    if name in ("magcache", "teacache"):
+        kw["calibration"] = settings.get("cache_calibration")
+        kw["model"] = settings.get("cache_model") or _published(variant, name, image)
+    if name == "magcache" and family is not None:
+        kw["high_noise"] = family.magcache_high_noise
+    return cls(**kw).validate()
+
+
+def _published(variant, policy: str, image: bool) -> str | None:
+    key = getattr(variant, policy, None) if variant is not None else None
+    return key[bool(image)] if isinstance(key, tuple) else key

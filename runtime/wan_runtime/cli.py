@@ -1,4 +1,8 @@
-"""``wan-run``: generate a video from a converted checkpoint."""
+"""``wan-run``: generate a video from a converted checkpoint.
+
+Every flag is checked before any weights load (``RunConfig``: defaults <- the checkpoint's own configs <-
+the preset <- flags); bad input is one line naming the flag, exit code 2 (``--debug``: the traceback).
+"""
 from __future__ import annotations
 
 import os
@@ -9,120 +13,179 @@ import time
 import click
 
 from . import __version__, errors
-
-
-DTYPES = ["bfloat16", "float32", "float16"]
+from .caching import POLICIES
+from .format import WEIGHT_DTYPES as DTYPES
+#: flags that are settings of the run (RunConfig fields and step-caching settings)
+SETTINGS = ("height", "width", "frames", "steps", "guidance", "guidance_2", "flow_shift", "scheduler", "seed",
+            "fps", "mesh", "negative_prompt", "cache", "cache_thresh", "cache_k", "cache_retention", "cache_model",
+            "cache_calibration", "cfg_cache_interval", "cfg_cache_start", "teacache_thresh", "firstblock_thresh")
 
 
 class UsageError(ValueError):
     pass
 
 
-def _fail(debug: bool, e: BaseException):
-    errors.report("wan-run", e, debug)
+class _Option(click.Option):
+    """An option that belongs to a group of ``wan-run --help``."""
+
+    def __init__(self, *args, group: str = "other", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group = group
 
 
-@click.command(cls=errors.Command, prog="wan-run", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--checkpoint", required=True, type=click.Path(), help="a checkpoint written by wan-convert")
-@click.option("--preset", default=None, help="configs/ preset name or .toml path (default: matched to the checkpoint)")
-@click.option("--prompt", required=True)
-@click.option("--negative-prompt", default=None, help="default: the preset's, else Wan's standard negative prompt")
-@click.option("--height", type=int, default=None)
-@click.option("--width", type=int, default=None)
-@click.option("--frames", type=int, default=None, help="number of frames, 4k+1")
-@click.option("--steps", type=int, default=None)
-@click.option("--guidance", type=float, default=None, help="guidance scale (1.0 or less: no unconditional pass)")
-@click.option("--guidance-2", type=float, default=None, help="guidance of the low-noise expert (Wan 2.2 A14B)")
-@click.option("--flow-shift", type=float, default=None)
-@click.option("--scheduler", type=click.Choice(["unipc", "euler"]), default=None)
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
-              help="0 .. 2**32-1 (the PRNG key takes 32 bits: larger seeds would repeat smaller ones)")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None,
-              help="every dtype at once, weights included (the scheduler stays float32); default: bfloat16 "
-                   "transformer and text encoder, float32 VAE, weights as converted")
-@click.option("--transformer-dtype", type=click.Choice(DTYPES), default=None, help="transformer compute dtype")
-@click.option("--text-encoder-dtype", type=click.Choice(DTYPES), default=None)
-@click.option("--vae-dtype", type=click.Choice(DTYPES), default=None, help="VAE compute dtype")
-@click.option("--weights-dtype", type=click.Choice(DTYPES), default=None, help="recast transformer/encoder weights")
-@click.option("--vae-weights-dtype", type=click.Choice(DTYPES), default=None)
-@click.option("--scheduler-dtype", type=click.Choice(DTYPES), default=None)
-@click.option("--vae-chunk", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="latent frames per VAE decode scan step")
-@click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
-              help="compute every block's cross-attention K/V once per generation")
-@click.option("--executable-cache", is_flag=True, help="also keep serialized executables (skips tracing; "
-              "experimental, see compile_cache.py)")
-@click.option("--compile-cache", default=None, help="persistent compilation cache folder, or 'off' "
-              "(default ~/.cache/wan-jax/xla or $WAN_JAX_COMPILATION_CACHE)")
-@click.option("--mesh", default=None, help="e.g. data=1,fsdp=2,context=4 (default: one device)")
-@click.option("--context-attention", type=click.Choice(["auto", "allgather", "ulysses", "ring"]), default="auto",
-              show_default=True, help="self-attention across the sequence shards (fsdp x context): auto = "
-              "ulysses when the heads split evenly, else ring")
-@click.option("--coordinator", envvar="WAN_JAX_COORDINATOR", default=None,
-              help="multi-process run: host:port of process 0 (or 'auto': TPU pod / SLURM / MPI detection)")
-@click.option("--num-processes", envvar="WAN_JAX_NUM_PROCESSES", type=int, default=None)
-@click.option("--process-id", envvar="WAN_JAX_PROCESS_ID", type=int, default=None)
-@click.option("--fps", type=int, default=None)
-@click.option("--cache", "cache_policy", type=click.Choice(["none", "magcache", "cfg", "teacache", "firstblock"]),
-              default=None, help="step caching policy (default: the preset's, else none)")
-@click.option("--teacache-thresh", type=float, default=None, help="TeaCache accumulated-change bound (0.2)")
-@click.option("--firstblock-thresh", type=float, default=None, help="FirstBlockCache relative-change bound (0.05)")
-@click.option("--cache-thresh", type=float, default=None, help="MagCache accumulated-error bound (default: the curve's)")
-@click.option("--cache-k", type=int, default=None, help="MagCache max consecutive skips")
-@click.option("--cache-retention", type=float, default=None, help="MagCache fraction of first steps always computed")
-@click.option("--cache-model", default=None, help="MagCache curve key (default: the preset's published curve)")
-@click.option("--cache-calibration", type=click.Path(), default=None, help="calibration JSON (tools/calibrate_magcache.py)")
-@click.option("--cfg-cache-interval", type=int, default=None, help="CFG cache: a full step every N steps")
-@click.option("--cfg-cache-start", type=int, default=None, help="CFG cache: first step that may reuse")
-@click.option("--image", type=click.Path(), default=None, help="first frame for image-to-video (I2V, TI2V)")
-@click.option("--latents", type=click.Path(), default=None, help="initial latents .npy, (C, F', H', W') or (1, C, F', H', W')")
-@click.option("--output", "-o", default="out.mp4", show_default=True, help="out.mp4, or out.npy for float32 frames in [0, 1]")
-@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
-@click.option("--debug", is_flag=True, help="show tracebacks")
+class _Command(errors.Command):
+    """``--help`` lists the options by group, in the order the groups first appear."""
+
+    def format_options(self, ctx, formatter):
+        groups: dict[str, list] = {}
+        for p in self.get_params(ctx):
+            rec = p.get_help_record(ctx)
+            if rec:
+                groups.setdefault(getattr(p, "group", "Other"), []).append(rec)
+        for name, rows in groups.items():
+            with formatter.section(name):
+                formatter.write_dl(rows)
+
+
+def _opt(group: str, *decls, **kw):
+    return click.option(*decls, cls=_Option, group=group, **kw)
+
+
+_G, _I, _P, _C, _D, _O = "Generation", "Image and video inputs", "Precision", "Step caching", "Devices and compilation", "Output"
+OPTIONS = [
+    _opt(_G, "--checkpoint", required=True, type=click.Path(), help="a checkpoint written by wan-convert"),
+    _opt(_G, "--prompt", required=True),
+    _opt(_G, "--negative-prompt", default=None, help="default: the preset's, else Wan's standard negative prompt"),
+    _opt(_G, "--preset", default=None, help="configs/ preset name or .toml path (default: matched to the checkpoint)"),
+    _opt(_G, "--height", type=int, default=None), _opt(_G, "--width", type=int, default=None),
+    _opt(_G, "--frames", type=int, default=None, help="number of frames, 4k+1"),
+    _opt(_G, "--steps", type=int, default=None),
+    _opt(_G, "--guidance", type=float, default=None, help="guidance scale (1.0 or less: no unconditional pass)"),
+    _opt(_G, "--guidance-2", type=float, default=None, help="guidance of the low-noise expert (Wan 2.2 A14B)"),
+    _opt(_G, "--flow-shift", type=float, default=None, help="default: the checkpoint's scheduler config"),
+    _opt(_G, "--scheduler", type=click.Choice(["unipc", "euler"]), default=None),
+    _opt(_G, "--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+         help="0 .. 2**32-1 (the PRNG key takes 32 bits: larger seeds would repeat smaller ones)"),
+    _opt(_I, "--image", type=click.Path(), default=None, help="first frame for image-to-video (I2V, TI2V)"),
+    _opt(_I, "--latents", type=click.Path(), default=None,
+         help="initial latents .npy, (C, F', H', W') or (1, C, F', H', W')"),
+    _opt(_P, "--dtype", type=click.Choice(DTYPES), default=None,
+         help="every dtype at once, weights included (the scheduler stays float32); default: bfloat16 "
+              "transformer and text encoder, float32 VAE, weights as converted"),
+    _opt(_P, "--transformer-dtype", type=click.Choice(DTYPES), default=None, help="transformer compute dtype"),
+    _opt(_P, "--text-encoder-dtype", type=click.Choice(DTYPES), default=None),
+    _opt(_P, "--vae-dtype", type=click.Choice(DTYPES), default=None, help="VAE compute dtype"),
+    _opt(_P, "--weights-dtype", type=click.Choice(DTYPES), default=None, help="recast transformer/encoder weights"),
+    _opt(_P, "--vae-weights-dtype", type=click.Choice(DTYPES), default=None),
+    _opt(_P, "--scheduler-dtype", type=click.Choice(DTYPES), default=None),
+    _opt(_C, "--cache", type=click.Choice(list(POLICIES)), default=None,
+         help="step caching policy (default: the preset's, else none)"),
+    _opt(_C, "--cache-thresh", type=float, default=None, help="MagCache accumulated-error bound (default: the curve's)"),
+    _opt(_C, "--cache-k", type=int, default=None, help="MagCache max consecutive skips"),
+    _opt(_C, "--cache-retention", type=float, default=None, help="MagCache fraction of first steps always computed"),
+    _opt(_C, "--cache-model", default=None, help="calibration key (default: the preset's published curve)"),
+    _opt(_C, "--cache-calibration", type=click.Path(), default=None,
+         help="calibration JSON (tools/calibrate_magcache.py)"),
+    _opt(_C, "--cfg-cache-interval", type=int, default=None, help="CFG cache: a full step every N steps"),
+    _opt(_C, "--cfg-cache-start", type=int, default=None, help="CFG cache: first step that may reuse"),
+    _opt(_C, "--teacache-thresh", type=float, default=None, help="TeaCache accumulated-change bound (0.2)"),
+    _opt(_C, "--firstblock-thresh", type=float, default=None, help="FirstBlockCache relative-change bound (0.05)"),
+    _opt(_C, "--kv-cache/--no-kv-cache", default=True, show_default=True,
+         help="compute every block's cross-attention K/V once per generation"),
+    _opt(_D, "--mesh", default=None, help="e.g. data=1,fsdp=2,context=4 (default: one device)"),
+    _opt(_D, "--context-attention", type=click.Choice(["auto", "allgather", "ulysses", "ring"]), default="auto",
+         show_default=True, help="self-attention across the sequence shards (fsdp x context): auto = ulysses "
+                                 "when the heads split evenly, else ring"),
+    _opt(_D, "--coordinator", envvar="WAN_JAX_COORDINATOR", default=None,
+         help="multi-process run: host:port of process 0 (or 'auto': TPU pod / SLURM / MPI detection)"),
+    _opt(_D, "--num-processes", envvar="WAN_JAX_NUM_PROCESSES", type=int, default=None),
+    _opt(_D, "--process-id", envvar="WAN_JAX_PROCESS_ID", type=int, default=None),
+    _opt(_D, "--vae-chunk", type=click.IntRange(1, 64), default=1, show_default=True,
+         help="latent frames per VAE decode scan step"),
+    _opt(_D, "--compile-cache", default=None, help="persistent compilation cache folder, or 'off' "
+         "(default ~/.cache/wan-jax/xla or $WAN_JAX_COMPILATION_CACHE)"),
+    _opt(_D, "--executable-cache", is_flag=True, help="also keep serialized executables (skips tracing; "
+         "experimental, see compile_cache.py)"),
+    _opt(_O, "--output", "-o", default="out.mp4", show_default=True,
+         help="out.mp4, or out.npy for float32 frames in [0, 1]"),
+    _opt(_O, "--fps", type=int, default=None),
+    _opt(_O, "--quiet", "-q", is_flag=True, help="no progress bar"),
+    _opt(_O, "--debug", is_flag=True, help="show tracebacks"),
+]
+
+
+def _options(fn):
+    for option in reversed(OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@click.command(cls=_Command, prog="wan-run", context_settings={"help_option_names": ["-h", "--help"]})
+@_options
 @click.version_option(__version__, prog_name="wan-run")
-def main(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
-         scheduler, seed, dtype, transformer_dtype, text_encoder_dtype, vae_dtype, weights_dtype,
-         vae_weights_dtype, scheduler_dtype, vae_chunk, kv_cache, executable_cache, compile_cache, mesh,
-         context_attention, coordinator, num_processes, process_id, fps, cache_policy,
-         teacache_thresh, firstblock_thresh, cache_thresh, cache_k, cache_retention, cache_model, cache_calibration, cfg_cache_interval, cfg_cache_start, image, latents, output, quiet, debug):
+def main(**flags):
     """Generate a video from a converted Wan checkpoint."""
     try:
-        run(**locals())
+        run(flags)
     except KeyboardInterrupt:
         click.echo("wan-run: interrupted", err=True)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - user-facing errors are one line; --debug shows the traceback
-        if debug or not _is_user_error(e):
+        if flags["debug"] or not _is_user_error(e):
             raise
-        _fail(debug, e)
+        errors.report("wan-run", e, flags["debug"])
 
 
 def _is_user_error(e: BaseException) -> bool:
     from .checkpoint import CheckpointError
-    from .format import FormatError
     from .distributed import DistributedError
-    from .pipeline import InputError
+    from .format import FormatError
     from .presets import PresetError
+    from .runconfig import InputError
     from .sharding import MeshError
 
     return isinstance(e, (UsageError, CheckpointError, FormatError, InputError, PresetError, MeshError, DistributedError,
                           OSError))
 
 
-def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, steps, guidance, guidance_2, flow_shift,
-        scheduler, seed, dtype, transformer_dtype, text_encoder_dtype, vae_dtype, weights_dtype, vae_weights_dtype,
-        scheduler_dtype, vae_chunk, kv_cache, executable_cache, compile_cache, mesh, context_attention, coordinator,
-        num_processes, process_id, fps, cache_policy, teacache_thresh, firstblock_thresh,
-        cache_thresh, cache_k,
-        cache_retention, cache_model, cache_calibration, cfg_cache_interval, cfg_cache_start, image, latents, output,
-        quiet, debug):
-    import numpy as np
-
-    from . import presets as presets_lib
+def run(flags: dict) -> None:
+    """Check everything that can be checked, then load, generate and write."""
+    from . import distributed
     from .checkpoint import open_checkpoint
-    from .pipeline import DEFAULT_NEGATIVE, check_image_input, image_input_kind, validate_request
+    from .pipeline import WanPipeline
 
-    # ---- everything that can be checked before loading weights
+    out = _output(flags["output"])
+    if not flags["prompt"].strip():
+        raise UsageError("--prompt: empty prompt")
+    ckpt = open_checkpoint(flags["checkpoint"])
+    image, init = _image(flags["image"]), _latents(flags["latents"])
+    config = _config(ckpt, flags, image is not None)
+    if init is not None:
+        config.check_latents(ckpt, init.shape)
+    _warn_truncation(ckpt, flags["prompt"], config)
+    for note in config.notes():
+        click.echo(f"wan-run: note: {note}", err=True)
+    distributed.initialize(flags["coordinator"], flags["num_processes"], flags["process_id"])  # before other JAX
+    pipe = WanPipeline.from_converted(
+        ckpt.root, mesh=config.mesh, dtype=_dtypes(flags), compilation_cache=flags["compile_cache"],
+        executable_cache=flags["executable_cache"] or None, context_attention=flags["context_attention"],
+        kv_cache=flags["kv_cache"], vae_chunk=flags["vae_chunk"], preset=config.preset)
+    bar = _progress_bar(config.steps, flags["quiet"])
+    gen = pipe.generate(flags["prompt"], config, image=image, latents=init,
+                        output_type="np" if out.suffix == ".npy" else "uint8",
+                        progress=(lambda i: bar.update(1)) if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    for w in gen.warnings:
+        click.echo(f"wan-run: warning: {w}", err=True)
+    if gen.block_runs is not None:
+        click.echo(f"cache {config.cache.name}: ran the blocks {int(gen.block_runs.sum())} of "
+                   f"{config.steps * len(gen.block_runs)} times")
+    if distributed.is_main():  # every process computed; process 0 writes
+        _write(out, gen, flags, ckpt, pipe)
+
+
+def _output(output: str) -> pathlib.Path:
     out = pathlib.Path(output)
     if out.suffix not in (".mp4", ".npy"):
         raise UsageError(f"--output: {output} must end in .mp4 or .npy")
@@ -132,143 +195,97 @@ def run(checkpoint, preset, prompt, negative_prompt, height, width, frames, step
     for path in (out, out.with_suffix(".json")):
         if path.is_dir():
             raise UsageError(f"--output: {path} is a folder")
-    if not prompt.strip():
-        raise UsageError("--prompt: empty prompt")
-    ckpt = open_checkpoint(checkpoint)
-    p = presets_lib.load(preset) if preset else presets_lib.for_checkpoint(ckpt.family, ckpt.config("transformer"))
-    presets_lib.check_family(p, ckpt.family)
-    over = dict(height=height, width=width, frames=frames, steps=steps, guidance=guidance, guidance_2=guidance_2,
-                flow_shift=flow_shift, scheduler=scheduler, fps=fps, mesh=mesh)
-    s = {**{"scheduler": "unipc", "fps": 16, "guidance": 5.0, "max_sequence_length": 512}, **p,
-         **{k: v for k, v in over.items() if v is not None}}
-    for key in ("height", "width", "frames", "steps"):
-        if key not in s:
-            raise UsageError(f"--{key}: not set and preset {p['name']} has no default")
-    if negative_prompt is None:
-        negative_prompt = s.get("negative_prompt", DEFAULT_NEGATIVE)
-    if s["fps"] < 1:
-        raise UsageError(f"--fps: must be >= 1, got {s['fps']}")
+    return out
+
+
+def _config(ckpt, flags: dict, image: bool):
+    from .runconfig import DEFAULT_NEGATIVE, RunConfig
     from .sharding import parse_mesh
 
-    parse_mesh(s.get("mesh"))  # the device count is checked once JAX is up, still before any weights load
-    if s["max_sequence_length"] < 1:
-        raise UsageError(f"--preset: max_sequence_length must be >= 1, got {s['max_sequence_length']}")
-    init = None
-    if latents is not None:
-        try:
-            init = np.load(latents)
-        except (OSError, ValueError, EOFError) as e:
-            raise UsageError(f"--latents: cannot read {latents} ({errors.one_line(e)})") from None
-    validate_request(ckpt, s["height"], s["width"], s["frames"], s["steps"], s["guidance"], s.get("guidance_2"),
-                     s.get("flow_shift"), None if init is None else init.shape)
-    check_image_input(image_input_kind(ckpt), ckpt.family, image is not None)
-    from . import caching
+    settings = {k: flags.get(k) for k in SETTINGS}
+    config = RunConfig.resolve(ckpt, flags["preset"] or "auto", image=image,
+                               defaults={"negative_prompt": DEFAULT_NEGATIVE}, **settings)
+    parse_mesh(config.mesh)  # the device count is checked once JAX is up, still before any weights load
+    return config
 
-    cache_settings = {"cache": cache_policy or s.get("cache"), "cache_thresh": cache_thresh, "cache_k": cache_k,
-                      "cache_retention": cache_retention, "cfg_cache_interval": cfg_cache_interval,
-                      "cfg_cache_start": cfg_cache_start, "cache_calibration": cache_calibration,
-                      "teacache_thresh": teacache_thresh, "firstblock_thresh": firstblock_thresh,
-                      "cache_model": cache_model}
-    policy = cache_settings["cache"] or "none"
-    if cache_model is None and policy == "magcache":
-        cache_settings["cache_model"] = caching.model_key_for_preset(p["name"], image is not None)
-    elif cache_model is None and policy == "teacache":
-        cache_settings["cache_model"] = caching.TEACACHE_MODELS.get(p["name"])
-    if policy in ("magcache", "teacache"):
-        try:
-            caching.load_calibration(cache_settings["cache_calibration"])
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--cache-calibration: {errors.one_line(e)}") from None
+
+def _dtypes(flags: dict):
+    from .runconfig import Dtypes
+
+    per = ("transformer", "text_encoder", "vae", "weights", "vae_weights", "scheduler")
+    base = Dtypes.all(flags["dtype"]) if flags["dtype"] else Dtypes()  # --dtype: every dtype, weights included
+    return Dtypes.of(base, **{k: flags[f"{k}_dtype"] for k in per})
+
+
+def _image(path):
+    if path is None:
+        return None
+    from .image import load_image
+
     try:
-        cache_cfg = caching.CacheConfig.from_preset(cache_settings)
-        if cache_cfg.policy in ("magcache", "teacache") and cache_cfg.model is None:
-            raise ValueError(f"--cache-model: preset {p['name']} has no published {cache_cfg.policy} calibration; "
-                             "pass --cache-model (and --cache-calibration, see tools/calibrate_magcache.py)")
-        if cache_cfg.policy == "magcache":
-            caching.model_entry(caching.load_calibration(cache_cfg.calibration), cache_cfg.model)
-        if cache_cfg.policy == "teacache":
-            caching.teacache_coefficients(caching.load_calibration(cache_cfg.calibration), cache_cfg.model)
-    except (ValueError, OSError) as e:
-        raise UsageError(str(e)) from None
-    img = None
-    if image is not None:
-        from .image import load_image
+        return load_image(path)
+    except ValueError as e:
+        raise UsageError(f"--image: {e}") from None
 
-        try:
-            img = load_image(image)
-        except ValueError as e:
-            raise UsageError(f"--image: {e}") from None
-    # long prompts are truncated, as diffusers does: say so now, not after the load and the generation
+
+def _latents(path):
+    if path is None:
+        return None
+    import numpy as np
+
+    try:
+        return np.load(path)
+    except (OSError, ValueError, EOFError) as e:
+        raise UsageError(f"--latents: cannot read {path} ({errors.one_line(e)})") from None
+
+
+def _warn_truncation(ckpt, prompt: str, config) -> None:
+    """Long prompts are truncated, as diffusers does: say so now, not after the load and the generation."""
     from .text import Tokenizer, tokenize_prompts
 
     tok = Tokenizer.from_file(ckpt.root / "tokenizer" / "tokenizer.json")
-    _, _, truncated = tokenize_prompts(tok, [prompt, negative_prompt], s["max_sequence_length"])
+    _, _, truncated = tokenize_prompts(tok, [prompt, config.negative_prompt], config.max_sequence_length)
     for flag, cut in zip(("--prompt", "--negative-prompt"), truncated):
         if cut:
-            click.echo(f"wan-run: warning: {flag} is longer than {s['max_sequence_length']} tokens; it is truncated",
-                       err=True)
+            click.echo(f"wan-run: warning: {flag} is longer than {config.max_sequence_length} tokens; it is "
+                       "truncated", err=True)
 
-    # ---- load, generate
+
+def _progress_bar(steps: int, quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc="denoise", unit="step", leave=False)
+
+
+def _write(out: pathlib.Path, gen, flags: dict, ckpt, pipe) -> None:
+    """The video (or .npy frames) and the sidecar JSON: prompt, model, every resolved setting, timings."""
     import dataclasses
 
-    from .pipeline import Dtypes, WanPipeline
     from .video import write_mp4, write_npy, write_sidecar
 
-    dtypes = Dtypes.all(dtype) if dtype else Dtypes()
-    per = dict(transformer=transformer_dtype, text_encoder=text_encoder_dtype, vae=vae_dtype, weights=weights_dtype,
-               vae_weights=vae_weights_dtype, scheduler=scheduler_dtype)
-    dtypes = dataclasses.replace(dtypes, **{k: v for k, v in per.items() if v})
-    from . import distributed
-
-    distributed.initialize(coordinator, num_processes, process_id)  # before any other JAX call
-    pipe = WanPipeline.from_converted(checkpoint, mesh=s.get("mesh"), dtype=dtypes, compilation_cache=compile_cache,
-                                      executable_cache=executable_cache or None, context_attention=context_attention)
-    pipe.kv_cache = kv_cache
-    pipe.vae_chunk = vae_chunk
-    if "boundary" in s:
-        pipe.boundary_ratio = s["boundary"]
-    bar = None
-    if not quiet and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=s["steps"], desc="denoise", unit="step", leave=False)
-    progress = (lambda i: bar.update(1)) if bar is not None else None
-    frames_out = pipe(prompt, negative_prompt, height=s["height"], width=s["width"], num_frames=s["frames"],
-                      num_inference_steps=s["steps"], guidance_scale=s["guidance"], guidance_scale_2=s.get("guidance_2"),
-                      seed=seed, latents=init, flow_shift=s.get("flow_shift"), scheduler=s["scheduler"],
-                      max_sequence_length=s["max_sequence_length"],
-                      output_type="np" if out.suffix == ".npy" else "uint8", image=img, cache=cache_cfg,
-                      progress=progress)
-    if bar is not None:
-        bar.close()
-    for w in pipe.last_warnings:
-        click.echo(f"wan-run: warning: {w}", err=True)
-    if pipe.last_block_runs is not None:
-        n = s["steps"] * len(pipe.last_block_runs)
-        click.echo(f"cache {cache_cfg.policy}: ran the blocks {int(pipe.last_block_runs.sum())} of {n} times")
-    if not distributed.is_main():  # every process computed; process 0 writes
-        return
     t0 = time.perf_counter()
     if out.suffix == ".npy":
-        write_npy(out, frames_out)
+        write_npy(out, gen.frames)
     else:
-        write_mp4(out, frames_out, fps=s["fps"])
+        write_mp4(out, gen.frames, fps=gen.config.fps)
     write_seconds = time.perf_counter() - t0
     record = {
-        "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
-        "model": {"checkpoint": str(pathlib.Path(checkpoint).resolve()), "family": ckpt.family,
+        "prompt": flags["prompt"], "negative_prompt": gen.config.negative_prompt, "seed": gen.config.seed,
+        "model": {"checkpoint": str(ckpt.root.resolve()), "family": ckpt.family,
                   "source": ckpt.manifest.get("source", {}).get("id")},
-        "preset": p["name"],
-        "settings": {k: s[k] for k in ("height", "width", "frames", "steps", "guidance", "guidance_2", "flow_shift",
-                                       "scheduler", "fps", "max_sequence_length", "boundary", "mesh") if k in s}
-        | {"dtypes": dataclasses.asdict(dtypes), "kv_cache": kv_cache, "cache": dataclasses.asdict(cache_cfg),
-           "block_runs": None if pipe.last_block_runs is None else pipe.last_block_runs.tolist(), "latents": latents, "image": image},
-        "timings": pipe.timings.as_dict() | {"write": round(write_seconds, 4)},
+        "preset": gen.config.preset,
+        "settings": gen.config.record() | {
+            "dtypes": dataclasses.asdict(pipe.dtypes), "kv_cache": pipe.kv_cache, "vae_chunk": pipe.vae_chunk,
+            "block_runs": None if gen.block_runs is None else gen.block_runs.tolist(),
+            "latents": flags["latents"], "image": flags["image"]},
+        "timings": gen.timings.as_dict() | {"write": round(write_seconds, 4)},
         "wan_run": __version__,
     }
     write_sidecar(out, record)
-    click.echo(pipe.timings.summary())
-    click.echo(f"wrote {out} ({frames_out.shape[0]} frames, {frames_out.shape[2]}x{frames_out.shape[1]}) "
+    click.echo(gen.timings.summary())
+    click.echo(f"wrote {out} ({gen.frames.shape[0]} frames, {gen.frames.shape[2]}x{gen.frames.shape[1]}) "
                f"and {out.with_suffix('.json')}")
 
 

@@ -6,6 +6,8 @@ import pathlib
 import tomllib
 from typing import Any, Mapping
 
+from . import families
+
 #: every setting a preset may hold, with its type; the CLI flags of the same names override them
 SETTINGS: dict[str, type] = {
     "height": int, "width": int, "frames": int, "steps": int, "guidance": float, "guidance_2": float,
@@ -13,7 +15,9 @@ SETTINGS: dict[str, type] = {
     "max_sequence_length": int, "mesh": str, "cache": str, "cache_thresh": float, "cache_k": int,
     "cache_retention": float,
 }
-META = {"description", "family", "heads", "auto"}
+#: keys that describe a preset rather than set something (``family``: a user preset for one family only;
+#: the published presets' families are in families.py)
+META = {"description", "family"}
 
 
 class PresetError(ValueError):
@@ -55,20 +59,21 @@ def load(name_or_path: str) -> dict[str, Any]:
 
 
 def check_family(preset: Mapping[str, Any], family: str) -> None:
-    """A preset written for one family (its ``family`` key) does not run another family's checkpoint."""
-    want = preset.get("family")
+    """A published model's preset, or a preset with a ``family`` key, does not run another family's checkpoint."""
+    fam = families.preset_family(preset.get("name", ""))
+    want = fam.name if fam is not None else preset.get("family")
     if want and want != family:
         raise PresetError(f"--preset: {preset['name']} is for {want} checkpoints, and this checkpoint is {family}")
 
 
 def for_checkpoint(family: str, transformer_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The preset that matches a checkpoint: tiny models get 'tiny', published ones theirs by family and width."""
+    """The preset that matches a checkpoint: test-sized models (width < 1024) get 'tiny', published ones
+    their variant's (families.py) by family and head count."""
     heads = transformer_config.get("num_attention_heads")
     dim = heads * transformer_config.get("attention_head_dim", 128)
     if dim < 1024:
         return load("tiny")
-    for name in available():
-        p = load(name)
-        if p.get("family") == family and p.get("heads") == heads and p.get("auto", True):
-            return p
-    raise PresetError(f"no preset matches a {family} checkpoint with {heads} heads; pass --preset")
+    variant = families.get(family).variant(heads=heads)
+    if variant is None:
+        raise PresetError(f"no preset matches a {family} checkpoint with {heads} heads; pass --preset")
+    return load(variant.preset)

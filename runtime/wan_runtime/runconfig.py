@@ -1,0 +1,227 @@
+"""One run configuration, resolved once and validated once, for the CLI, the Python API and the sidecar.
+
+Every setting is resolved in one order: built-in defaults <- the checkpoint's own configs (the scheduler's
+``flow_shift``, model_index's ``boundary_ratio``) <- the preset <- explicit values (flags, or the Python
+API's arguments). A preset value that differs from the checkpoint's own is a deliberate override of a
+published model's preset (e.g. flow shift 12 for Wan2.2-T2V-A14B): it applies, and the difference is kept
+in ``overrides`` (wan-run says so in one line; the sidecar records both values). The ``tiny`` preset sets
+no sampler values, so test checkpoints run with their own.
+
+Validation needs only the checkpoint's configs, so a bad flag fails before any weights load; errors are
+``InputError`` (a ValueError) naming the flag.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import caching, families
+from . import presets as presets_lib
+
+DEFAULT_NEGATIVE = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards"
+)
+SCHEDULERS = ("unipc", "euler")
+#: sampler settings a checkpoint carries itself (the preset overrides them only with a note)
+FROM_CHECKPOINT = ("flow_shift", "boundary")
+
+
+class InputError(ValueError):
+    """A generation request that cannot run (names the argument / flag)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dtypes:
+    """Compute dtypes per component, and optional weight dtypes: by default weights keep the dtype they
+    were converted to; ``weights`` / ``vae_weights`` recast them once after restore (norms and the
+    other float32 modules stay float32: the converter's rule, format.stored_dtype)."""
+
+    transformer: str = "bfloat16"
+    text_encoder: str = "bfloat16"
+    vae: str = "float32"
+    scheduler: str = "float32"
+    weights: str | None = None  # transformer(s), text and image encoders
+    vae_weights: str | None = None
+
+    @classmethod
+    def all(cls, name: str) -> "Dtypes":
+        return cls(name, name, name, "float32", name, name)
+
+    @classmethod
+    def of(cls, dtype: "str | Dtypes | None", **per) -> "Dtypes":
+        """The Python API's ``dtype``: a Dtypes as is; "float32": everything float32; anything else: the
+        defaults (bf16 transformer and text encoder, float32 VAE). Then the per-component ``per`` values."""
+        base = dtype if isinstance(dtype, Dtypes) else cls.all(dtype) if dtype == "float32" else cls()
+        return dataclasses.replace(base, **{k: v for k, v in per.items() if v})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a generation (named as wan-run's flags), resolved and validated."""
+
+    height: int = 480
+    width: int = 832
+    frames: int = 81
+    steps: int = 50
+    guidance: float = 5.0
+    guidance_2: float | None = None  # the low-noise expert's (None: ``guidance``)
+    flow_shift: float = 3.0
+    boundary: float | None = None  # Wan 2.2 A14B expert switch, a fraction of the 1000 train timesteps
+    scheduler: str = "unipc"
+    seed: int = 0
+    negative_prompt: str = ""
+    max_sequence_length: int = 512
+    fps: int = 16
+    cache: caching.Policy = caching.Dense()
+    mesh: str | None = None
+    preset: str | None = None
+    #: field -> (the checkpoint's value, the preset's value) where the preset overrode the checkpoint
+    overrides: tuple = ()
+
+    # -------------------------------------------------------------------- resolution
+    @classmethod
+    def resolve(cls, ckpt, preset: str | Mapping[str, Any] | None = None, image: bool = False,
+                defaults: Mapping[str, Any] | None = None, **explicit) -> "RunConfig":
+        """defaults (the fields' own, updated by ``defaults``) <- checkpoint <- preset <- ``explicit`` (None
+        values ignored), then validated.
+        ``preset``: a name or .toml path, a loaded preset, "auto" (the checkpoint's published preset, or
+        "tiny" for test-sized models), or None. ``explicit`` may also hold the step-caching settings
+        (``cache``, ``cache_thresh``, ...: caching.SETTINGS) or a ready ``caching.Policy`` as ``cache``."""
+        fam = families.get(ckpt.family)
+        p = cls._preset(ckpt, preset)
+        own = cls._from_checkpoint(ckpt, fam)
+        values = {**(defaults or {}), **own}
+        overrides = []
+        for k, v in (p or {}).items():
+            if k not in presets_lib.SETTINGS:
+                continue
+            if k in own and own[k] != v:
+                overrides.append((k, own[k], v))
+            values[k] = v
+        values.update({k: v for k, v in explicit.items() if v is not None})
+        cache = values.pop("cache", None)
+        cache_settings = {k: values.pop(k) for k in list(values) if k in caching.SETTINGS or k in (
+            "cache_model", "cache_calibration")}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise TypeError(f"RunConfig: unknown setting {unknown[0]!r}")
+        variant = fam.variant(preset=p["name"]) if p else None
+        try:
+            policy = cache.validate() if isinstance(cache, caching.Policy) else \
+                caching.from_settings({"cache": cache, **cache_settings}, fam, variant, image)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        config = cls(**values, cache=policy, preset=p["name"] if p else None,
+                     overrides=tuple(o for o in overrides if o[0] not in explicit or explicit[o[0]] is None))
+        return config.validate(ckpt, image)
+
+    @staticmethod
+    def _preset(ckpt, preset) -> dict | None:
+        if preset is None or isinstance(preset, Mapping):
+            p = dict(preset) if preset is not None else None
+        elif preset == "auto":
+            p = presets_lib.for_checkpoint(ckpt.family, ckpt.config("transformer"))
+        else:
+            p = presets_lib.load(preset)
+        if p is not None:
+            presets_lib.check_family(p, ckpt.family)
+        return p
+
+    @staticmethod
+    def _from_checkpoint(ckpt, fam: families.Family) -> dict:
+        out = {}
+        shift = ckpt.scheduler_config.get("flow_shift")
+        if shift is not None:
+            out["flow_shift"] = float(shift)
+        if fam.experts > 1 and ckpt.model_index.get("boundary_ratio") is not None:
+            out["boundary"] = float(ckpt.model_index["boundary_ratio"])
+        return out
+
+    # -------------------------------------------------------------------- validation
+    def validate(self, ckpt, image: bool = False) -> "RunConfig":
+        """Checks that need only the checkpoint's configs (so a bad flag fails before any weights load)."""
+        fam = families.get(ckpt.family)
+        missing = [c for c in fam.components if c not in ckpt.components]
+        if missing:
+            raise InputError(f"--checkpoint: {ckpt.root} has no {missing[0]} (a partial checkpoint, converted "
+                             f"with --only?); a {ckpt.family} generation needs {', '.join(fam.components)}")
+        tokenizer = ckpt.root / "tokenizer" / "tokenizer.json"
+        if not tokenizer.is_file():
+            raise InputError(f"--checkpoint: {tokenizer} is missing; re-convert the source")
+        self._check_size(ckpt)
+        if self.steps < 1:
+            raise InputError(f"--steps: must be >= 1, got {self.steps}")
+        for flag, g in (("--guidance", self.guidance), ("--guidance-2", self.guidance_2)):
+            if g is not None and not (np.isfinite(g) and g >= 0):
+                raise InputError(f"{flag}: must be a finite number >= 0, got {g}")
+        if not (np.isfinite(self.flow_shift) and self.flow_shift > 0):
+            raise InputError(f"--flow-shift: must be a finite number > 0, got {self.flow_shift}")
+        if self.boundary is not None and not 0 <= self.boundary <= 1:
+            raise InputError(f"--preset: boundary must be in [0, 1], got {self.boundary}")
+        if not (isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2**32):
+            # the PRNG key takes 32 bits: a larger seed would silently repeat a smaller one's video
+            raise InputError(f"--seed: must be an integer in [0, 2**32), got {self.seed!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise InputError(f"--scheduler: must be one of {', '.join(SCHEDULERS)}, not {self.scheduler!r}")
+        if self.fps < 1:
+            raise InputError(f"--fps: must be >= 1, got {self.fps}")
+        if self.max_sequence_length < 1:
+            raise InputError(f"--preset: max_sequence_length must be >= 1, got {self.max_sequence_length}")
+        check_image_input(fam, image)
+        return self
+
+    def _check_size(self, ckpt) -> None:
+        vae_cfg, t_cfg = ckpt.config("vae"), ckpt.config("transformer")
+        mult = int(vae_cfg.get("scale_factor_spatial", 8)) * int(t_cfg.get("patch_size", (1, 2, 2))[1])
+        for flag, v in (("--height", self.height), ("--width", self.width)):
+            if v <= 0 or v % mult:
+                raise InputError(f"{flag}: {v} is not a positive multiple of {mult} (VAE x patch factor)")
+        t = int(vae_cfg.get("scale_factor_temporal", 4))
+        if self.frames < 1 or (self.frames - 1) % t:
+            raise InputError(f"--frames: {self.frames} is not of the form {t}k+1 "
+                             f"(e.g. {max(0, (self.frames - 1) // t) * t + 1})")
+
+    def latent_shape(self, ckpt) -> tuple[int, ...]:
+        """(1, C, F', H', W') of the initial latents."""
+        vae_cfg, t_cfg = ckpt.config("vae"), ckpt.config("transformer")
+        s, t = int(vae_cfg.get("scale_factor_spatial", 8)), int(vae_cfg.get("scale_factor_temporal", 4))
+        c = int(t_cfg.get("out_channels") or t_cfg["in_channels"])
+        return (1, c, (self.frames - 1) // t + 1, self.height // s, self.width // s)
+
+    def check_latents(self, ckpt, shape) -> None:
+        want = self.latent_shape(ckpt)
+        if tuple(shape) not in (want, want[1:]):
+            raise InputError(f"--latents: shape {list(shape)} but this request needs {list(want[1:])} "
+                             f"(or {list(want)})")
+
+    # -------------------------------------------------------------------- derived
+    @property
+    def guidance_low(self) -> float:
+        return self.guidance if self.guidance_2 is None else self.guidance_2
+
+    def do_cfg(self, experts: int) -> bool:
+        return self.guidance > 1.0 or (experts > 1 and self.guidance_low > 1.0)
+
+    def notes(self) -> list[str]:
+        """One line per preset value that overrides the checkpoint's own."""
+        return [f"preset {self.preset} sets {k} {p:g}; the checkpoint's own is {c:g}" for k, c, p in self.overrides]
+
+    def record(self) -> dict:
+        """The settings as the sidecar JSON records them."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("cache", "overrides")}
+        out["cache"] = self.cache.settings()
+        out["overridden"] = {k: {"checkpoint": c, "preset": p} for k, c, p in self.overrides}
+        return out
+
+
+def check_image_input(fam: families.Family, has_image: bool) -> None:
+    if fam.image_input == "required" and not has_image:
+        raise InputError(f"--image: {fam.name} is an image-to-video model; pass --image")
+    if fam.image_input == "none" and has_image:
+        raise InputError(f"--image: {fam.name} is a text-to-video model and takes no image")
