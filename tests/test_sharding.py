@@ -12,6 +12,7 @@ the pipeline with another mode, sharing its weights and compiled stages); one on
 pipeline per family gives every reference; requests are small (12 tokens, 1 frame; TI2V 27 tokens, 9 frames).
 """
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -163,6 +164,22 @@ def test_context_attention_with_padding_mask(mode, measured):
         measured(f"sharding/attention/data=2,context=4,{mode}/batch={batch}/out_max_abs", err, tolerance=ATTENTION_TOL,
                  tokens=40, padded=5)
         assert err <= ATTENTION_TOL, (batch, err)  # measured 2.4e-7 to 4.8e-7
+
+
+def test_ring_holds_no_full_block_logits():
+    """Ring attention on 8 devices folds each arriving K/V block with the memory-bounded kernel: the
+    compiled step's temporaries stay far below one (S/n)^2 block of float32 logits (what the ring held
+    before), per device."""
+    from wan_runtime.models import context_parallel as cp
+
+    layout = shd.Layout(shd.make_mesh(shd.parse_mesh("context=8")), "ring")
+    s, h = 8 * 2048, 2
+    x = jax.ShapeDtypeStruct((1, s, h, 16), jnp.float32)
+    m = jax.ShapeDtypeStruct((1, s), jnp.bool_)
+    fn = jax.jit(lambda q, k, v, m: cp.self_attention(q, k, v, m, layout, "ring"))
+    temp = fn.lower(x, x, x, m).compile().memory_analysis().temp_size_in_bytes
+    block_logits = h * (s // 8) ** 2 * 4  # 32 MiB per device
+    assert temp < block_logits / 4, (temp, block_logits)
 
 
 @pytest.mark.parametrize("mesh,mode,fam", CASES, ids=[f"{m}-{a}-{f}" for m, a, f in CASES])

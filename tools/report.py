@@ -56,6 +56,8 @@ PARITY = [
       "optimization/attention_padding*"], "max abs / rel. L2"),
     ("VAE decode and encode in chunks of 2, 3, 4 latent frames", "chunk 1",
      ["optimization/vae_chunk/*/decode/*", "optimization/vae_chunk/*/encode/*"], "relative L2"),
+    ("float32 attention temporaries at B=1, H=12, S=32,768, Dh=128 (XLA memory analysis; the plain formula "
+     "needs 96 GiB)", "the test requires < 4 GiB", ["optimization/attention_memory/*"], "GiB"),
     ("VAE decode working memory (XLA memory analysis), 41 vs 21 latent frames", "flat",
      ["optimization/vae_chunk/*/decode_memory/*"], "relative growth"),
 ]

@@ -100,6 +100,8 @@ OPTIONS = [
          help="multi-process run: host:port of process 0 (or 'auto': TPU pod / SLURM / MPI detection)"),
     _opt(_D, "--num-processes", envvar="WAN_JAX_NUM_PROCESSES", type=int, default=None),
     _opt(_D, "--process-id", envvar="WAN_JAX_PROCESS_ID", type=int, default=None),
+    _opt(_D, "--local-device-ids", envvar="WAN_JAX_LOCAL_DEVICE_IDS", default=None,
+         help="multi-process run: this process's devices on its host, e.g. 0,1 (several processes per GPU host)"),
     _opt(_D, "--vae-chunk", type=click.IntRange(1, 64), default=1, show_default=True,
          help="latent frames per VAE decode scan step"),
     _opt(_D, "--compile-cache", default=None, help="persistent compilation cache folder, or 'off' "
@@ -165,7 +167,8 @@ def run(flags: dict) -> None:
     _warn_truncation(ckpt, flags["prompt"], config)
     for note in config.notes():
         click.echo(f"wan-run: note: {note}", err=True)
-    distributed.initialize(flags["coordinator"], flags["num_processes"], flags["process_id"])  # before other JAX
+    distributed.initialize(flags["coordinator"], flags["num_processes"], flags["process_id"],
+                           flags["local_device_ids"])  # before any other JAX call
     pipe = WanPipeline.from_converted(
         ckpt.root, mesh=config.mesh, dtype=_dtypes(flags), compilation_cache=flags["compile_cache"],
         executable_cache=flags["executable_cache"] or None, context_attention=flags["context_attention"],

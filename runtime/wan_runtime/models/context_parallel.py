@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from . import attention as attn
 from .attention import attention
 
 MODES = ("allgather", "ulysses", "ring")
@@ -78,32 +79,19 @@ def _ulysses(q, k, v, m, axes):
 
 
 def _ring(q, k, v, m, axes):
+    """Ring attention: the K/V blocks travel around the ring (``ppermute``); each hop attends to the block
+    that arrived with the memory-bounded kernel (its own query and key blocks: never the whole
+    (S/n)^2 logits) and merges the partial result by its log-sum-exp, in float32."""
     n = math.prod(jax.lax.axis_size(a) for a in axes)
     perm = [(i, (i + 1) % n) for i in range(n)]
-    f32 = q.dtype == jnp.float32
-    prec = jax.lax.Precision.HIGHEST if f32 else None
-    qs = q.astype(jnp.float32) if f32 else q
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    b, s, h, _ = q.shape
-    # running max (finite start, so a fully masked block adds exactly nothing), sum and weighted values
-    mx = jnp.full((b, h, s), -1e30, jnp.float32)
-    den = jnp.zeros((b, h, s), jnp.float32)
-    acc = jnp.zeros(q.shape, jnp.float32)
 
-    def fold(k, v, m, mx, den, acc):
-        logits = jnp.einsum("bqhd,bkhd->bhqk", qs, k, precision=prec, preferred_element_type=jnp.float32) * scale
-        logits = jnp.where(m[:, None, None, :], logits, -jnp.inf)
-        new = jnp.maximum(mx, logits.max(-1))
-        p = jnp.exp(logits - new[..., None])
-        corr = jnp.exp(mx - new)
-        den = den * corr + p.sum(-1)
-        pv = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, precision=prec, preferred_element_type=jnp.float32)
-        return new, den, acc * jnp.moveaxis(corr, 1, 2)[..., None] + pv
+    def part(k, v, m):
+        return attn.blocked_attention(q, k, v, m, return_lse=True, out_dtype=jnp.float32)
 
-    def hop(carry, _):  # the neighbour's block arrives, then is folded in
+    def hop(carry, _):  # the neighbour's block arrives, then is merged in
         k, v, m = (jax.lax.ppermute(x, axes, perm) for x in carry[:3])
-        return (k, v, m, *fold(k, v, m, *carry[3:])), None
+        return (k, v, m, *attn.merge_partial(*carry[3:], *part(k, v, m))), None
 
-    carry = (k, v, m, *fold(k, v, m, mx, den, acc))
-    (_, _, _, _, den, acc), _ = jax.lax.scan(hop, carry, None, length=n - 1)
-    return (acc / jnp.moveaxis(den, 1, 2)[..., None]).astype(q.dtype)
+    carry = (k, v, m, *part(k, v, m))
+    (_, _, _, out, _), _ = jax.lax.scan(hop, carry, None, length=n - 1)
+    return out.astype(q.dtype)
