@@ -144,3 +144,21 @@ def test_warmup_compiles_everything(converted, tmp_path):
     assert pipe.compiled
     gen = _generate(pipe, steps=5, guidance_scale=6.0, guidance_scale_2=2.5)  # crosses the expert boundary
     assert gen.timings.compile == 0.0
+
+
+def test_vae_precision_setting(t2v, measured):
+    """--vae-precision: "default" lets float32 convs use the backend's default precision (TF32 on GPUs: the
+    GPU default); on CPU that is full float32 too, so the frames are the same, from another executable."""
+    from wan_runtime.pipeline import InputError
+
+    assert t2v.vae_precision == ("default" if jax.default_backend() == "gpu" else "highest")
+    highest = _run(t2v.replace(vae_precision="highest"), steps=2)
+    default = _run(t2v.replace(vae_precision="default"), steps=2)
+    decodes = [k for k in t2v._compiled if k[0] == "decode" and k[-1] in ("highest", "default")]
+    assert {k[-1] for k in decodes} == {"highest", "default"}
+    err = max_abs(default, highest)
+    measured("optimization/vae_precision/default_vs_highest_cpu/max_abs", err)
+    if jax.default_backend() == "cpu":
+        assert err <= 1e-6, err  # measured 0 (XLA:CPU computes float32 convs in full float32 either way)
+    with pytest.raises(InputError, match="--vae-precision"):
+        t2v.replace(vae_precision="fast")

@@ -102,6 +102,9 @@ OPTIONS = [
     _opt(_D, "--process-id", envvar="WAN_JAX_PROCESS_ID", type=int, default=None),
     _opt(_D, "--local-device-ids", envvar="WAN_JAX_LOCAL_DEVICE_IDS", default=None,
          help="multi-process run: this process's devices on its host, e.g. 0,1 (several processes per GPU host)"),
+    _opt(_P, "--vae-precision", type=click.Choice(["default", "highest"]), default=None,
+         help="float32 VAE convs: default (TF32 on GPUs) or highest (full float32); default: default on GPU, "
+              "highest elsewhere"),
     _opt(_D, "--vae-chunk", type=click.IntRange(1, 64), default=1, show_default=True,
          help="latent frames per VAE decode scan step"),
     _opt(_D, "--compile-cache", default=None, help="persistent compilation cache folder, or 'off' "
@@ -172,7 +175,8 @@ def run(flags: dict) -> None:
     pipe = WanPipeline.from_converted(
         ckpt.root, mesh=config.mesh, dtype=_dtypes(flags), compilation_cache=flags["compile_cache"],
         executable_cache=flags["executable_cache"] or None, context_attention=flags["context_attention"],
-        kv_cache=flags["kv_cache"], vae_chunk=flags["vae_chunk"], preset=config.preset)
+        kv_cache=flags["kv_cache"], vae_chunk=flags["vae_chunk"], vae_precision=flags["vae_precision"],
+        preset=config.preset)
     bar = _progress_bar(config.steps, flags["quiet"])
     gen = pipe.generate(flags["prompt"], config, image=image, latents=init,
                         output_type="np" if out.suffix == ".npy" else "uint8",
@@ -281,15 +285,28 @@ def _write(out: pathlib.Path, gen, flags: dict, ckpt, pipe) -> None:
         "preset": gen.config.preset,
         "settings": gen.config.record() | {
             "dtypes": dataclasses.asdict(pipe.dtypes), "kv_cache": pipe.kv_cache, "vae_chunk": pipe.vae_chunk,
+            "vae_precision": pipe.vae_precision,
             "block_runs": None if gen.block_runs is None else gen.block_runs.tolist(),
             "latents": flags["latents"], "image": flags["image"]},
+        "devices": _devices(),
         "timings": gen.timings.as_dict() | {"write": round(write_seconds, 4)},
         "wan_run": __version__,
     }
     write_sidecar(out, record)
+    d = record["devices"]
+    click.echo(f"devices: {d['count']} x {d['kind']} ({d['backend']}, {d['processes']} process(es))")
     click.echo(gen.timings.summary())
     click.echo(f"wrote {out} ({gen.frames.shape[0]} frames, {gen.frames.shape[2]}x{gen.frames.shape[1]}) "
                f"and {out.with_suffix('.json')}")
+
+
+def _devices() -> dict:
+    """The backend, device kind and count the run used (recorded in the sidecar, printed at the end)."""
+    import jax
+
+    devices = jax.devices()
+    return {"backend": jax.default_backend(), "kind": devices[0].device_kind, "count": len(devices),
+            "processes": jax.process_count(), "jax": jax.__version__}
 
 
 if __name__ == "__main__":

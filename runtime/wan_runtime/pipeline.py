@@ -68,15 +68,17 @@ def _conditions(experts, text_emb, image_emb, tcfgs, dtype, kv_cache=True):
     return tuple(out)
 
 
-def _encode_condition(vae_params, video, mean, inv_std, *, vcfg, dtype):
+def _encode_condition(vae_params, video, mean, inv_std, *, vcfg, dtype, precision="highest"):
     """VAE-encode the conditioning video and normalise it as diffusers does ("argmax": the mean)."""
-    z, _ = vae_lib.encode(vae_params, vcfg, video, dtype=dtype)
+    z, _ = vae_lib.encode(vae_params, vcfg, video, dtype=dtype, precision=precision)
     return (z - mean) * inv_std
 
 
-def _decode(vae_params, latents, mean, inv_std, *, vcfg, dtype, as_uint8: bool, chunk: int = 1, layout=None):
+def _decode(vae_params, latents, mean, inv_std, *, vcfg, dtype, as_uint8: bool, chunk: int = 1, layout=None,
+            precision="highest"):
     z = latents.astype(jnp.float32) / inv_std + mean  # diffusers: latents / (1 / std) + mean
-    video = vae_lib.decode(vae_params, vcfg, z, dtype=dtype, chunk=chunk, layout=layout)  # (B, 3, F, H, W) in [-1, 1]
+    # (B, 3, F, H, W) in [-1, 1]
+    video = vae_lib.decode(vae_params, vcfg, z, dtype=dtype, chunk=chunk, layout=layout, precision=precision)
     frames = jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 4, 1)  # (B, F, H, W, 3)
     if as_uint8:
         return jnp.round(frames * 255.0).astype(jnp.uint8)
@@ -168,13 +170,16 @@ class WanPipeline:
     """Generate video from a converted checkpoint. Argument names follow diffusers' WanPipeline.
 
     Per pipeline (constructor / ``from_converted``): mesh, dtypes, ``kv_cache`` (cross-attention K/V once
-    per generation), ``vae_chunk`` (latent frames per VAE decode scan step), ``steps_per_call`` (None: the
-    whole loop in one executable call; 1: a call per step), ``preset`` (defaults for every generation).
+    per generation), ``vae_chunk`` (latent frames per VAE decode scan step), ``vae_precision`` (float32
+    VAE convs: "highest", or "default": TF32 on GPUs; None: "default" on GPU, else "highest"),
+    ``steps_per_call`` (None: the whole loop in one executable call; 1: a call per step), ``preset``
+    (defaults for every generation).
     Per generation: the arguments of ``__call__``."""
 
     def __init__(self, ckpt: ckpt_lib.Checkpoint, params: dict, mesh, dtypes: Dtypes, *, load_seconds: float = 0.0,
                  executables: ExecutableCache | None = None, context_attention: str = "auto", kv_cache: bool = True,
-                 vae_chunk: int = 1, steps_per_call: int | None = None, preset: str | None = None):
+                 vae_chunk: int = 1, steps_per_call: int | None = None, preset: str | None = None,
+                 vae_precision: str | None = None):
         self.ckpt, self.params, self.mesh, self.dtypes = ckpt, params, mesh, dtypes
         self.family = families.get(ckpt.family)
         self.executables = executables or ExecutableCache(None)
@@ -182,6 +187,9 @@ class WanPipeline:
         self.layout = shd.Layout(mesh if mesh is not None and mesh.devices.size > 1 else None, context_attention)
         self.load_seconds = load_seconds
         self.kv_cache, self.vae_chunk, self.steps_per_call, self.preset = kv_cache, vae_chunk, steps_per_call, preset
+        self.vae_precision = vae_precision or vae_lib.default_precision()
+        if self.vae_precision not in vae_lib.PRECISIONS:
+            raise InputError(f"--vae-precision: {vae_precision!r} is not one of {', '.join(vae_lib.PRECISIONS)}")
         self.experts = [c for c in self.family.expert_names if c in params]
         self.tcfgs = tuple(tr.WanTransformerConfig.from_config(ckpt.config(c)) for c in self.experts)
         self.ucfg = umt5.UMT5Config.from_config(ckpt.config("text_encoder"))
@@ -218,7 +226,7 @@ class WanPipeline:
         steps_per_call, preset, context_attention); compiled stages are shared."""
         kw = dict(load_seconds=self.load_seconds, executables=self.executables, kv_cache=self.kv_cache,
                   vae_chunk=self.vae_chunk, steps_per_call=self.steps_per_call, preset=self.preset,
-                  context_attention=self.layout.context_attention)
+                  context_attention=self.layout.context_attention, vae_precision=self.vae_precision)
         other = WanPipeline(self.ckpt, self.params, self.mesh, self.dtypes, **{**kw, **options})
         other._compiled = self._compiled
         return other
@@ -333,8 +341,10 @@ class WanPipeline:
 
     def _vae_encode(self, video, timings: "Timings"):
         mean, inv_std = self._latent_stats()
-        enc = functools.partial(_encode_condition, vcfg=self.vcfg, dtype=jnp.dtype(self.dtypes.vae))
-        fn = self._compile(timings, ("encode", video.shape), enc, self.params["vae"], video, mean, inv_std)
+        enc = functools.partial(_encode_condition, vcfg=self.vcfg, dtype=jnp.dtype(self.dtypes.vae),
+                                precision=self.vae_precision)
+        fn = self._compile(timings, ("encode", video.shape, self.vae_precision), enc, self.params["vae"], video, mean,
+                           inv_std)
         # small; assembled on the host, so the conditioning works across processes too
         return jnp.asarray(dist.to_host(fn(self.params["vae"], video, mean, inv_std)))
 
@@ -398,8 +408,9 @@ class WanPipeline:
             raise InputError(f"output_type: 'np' or 'uint8', not {output_type!r}")
         as_uint8, (mean, inv_std) = output_type == "uint8", self._latent_stats()
         dec = functools.partial(_decode, vcfg=self.vcfg, dtype=jnp.dtype(self.dtypes.vae), as_uint8=as_uint8,
-                                chunk=self.vae_chunk, layout=self.layout)
-        fn = self._compile(timings, ("decode", latents.shape, self.dtypes.vae, as_uint8, self.vae_chunk), dec,
+                                chunk=self.vae_chunk, layout=self.layout, precision=self.vae_precision)
+        key = ("decode", latents.shape, self.dtypes.vae, as_uint8, self.vae_chunk, self.vae_precision)
+        fn = self._compile(timings, key, dec,
                            self.params["vae"], latents, mean, inv_std)
         return dist.to_host(fn(self.params["vae"], latents, mean, inv_std))[0]
 

@@ -19,6 +19,8 @@ with the number of frames.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Any, Mapping
@@ -36,8 +38,31 @@ F32 = jnp.float32
 # --------------------------------------------------------------------------------------------
 # Layers. x: (B, T, H, W, C) in the compute dtype dt.
 # --------------------------------------------------------------------------------------------
+#: float32 matmul/conv precision while a decode or encode is traced: "highest" (full float32) or "default"
+#: (the backend's: TF32 on Ampere+ GPUs, full float32 on CPU); set by decode/encode's ``precision``
+_PRECISION = contextvars.ContextVar("vae_precision", default="highest")
+PRECISIONS = ("highest", "default")
+
+
 def _prec(dt):
-    return lax.Precision.HIGHEST if dt == F32 else None
+    return lax.Precision.HIGHEST if dt == F32 and _PRECISION.get() == "highest" else None
+
+
+def default_precision(backend: str | None = None) -> str:
+    """"default" on GPU (float32 convs on TF32 tensor cores), "highest" elsewhere (CPU: the same numbers)."""
+    return "default" if (backend or jax.default_backend()) == "gpu" else "highest"
+
+
+@contextlib.contextmanager
+def _precision_scope(precision: str):
+    """Trace a decode or encode under ``precision`` ("highest" or "default")."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--vae-precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    token = _PRECISION.set(precision)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
 
 
 def _prepare(params, dt):
@@ -311,14 +336,14 @@ def _channels_first(y):  # (B, T, H, W, C) -> (B, C, T, H, W) float32
     return jnp.moveaxis(y, -1, 1).astype(F32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "layout"))
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "layout", "precision"))
 def decode(params: Params, cfg: VAEConfig, z: jax.Array, *, dtype=jnp.float32, chunk: int = 1,
-           layout=None) -> jax.Array:
+           layout=None, precision: str = "highest") -> jax.Array:
     """Raw (un-normalised) latents (B, z_dim, F', H', W') -> video (B, C, 1 + 4(F'-1), H, W) in [-1, 1], float32.
     ``chunk``: latent frames per scan step after frame 0 (same result; more frames per step = larger convs,
     more working memory). ``layout`` (a ``sharding.Layout`` over several devices): every activation is
     split along its width (else height) across all devices, the batch redundant; XLA's SPMD partitioner
-    exchanges the conv halos."""
+    exchanges the conv halos. ``precision``: of float32 convs, "highest" or "default" (the backend's)."""
     shard = None if layout is None or not layout.active else (lambda x: layout.spatial(x, 2, 3))
     dt = jnp.dtype(dtype)
     p, params = cfg.patch_size, _prepare(params, dt)
@@ -329,12 +354,13 @@ def decode(params: Params, cfg: VAEConfig, z: jax.Array, *, dtype=jnp.float32, c
     def post(y):
         return _channels_first(jnp.clip(_unpatchify(y, p) if p else y, -1.0, 1.0))
 
-    return _chunked(vae_decoder_ops(cfg), params, z, pre, post, 1, chunk, dt, shard)
+    with _precision_scope(precision):
+        return _chunked(vae_decoder_ops(cfg), params, z, pre, post, 1, chunk, dt, shard)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk"))
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "precision"))
 def encode(params: Params, cfg: VAEConfig, video: jax.Array, *, dtype=jnp.float32,
-           chunk: int = 1) -> tuple[jax.Array, jax.Array]:
+           chunk: int = 1, precision: str = "highest") -> tuple[jax.Array, jax.Array]:
     """Video (B, C, F, H, W) in [-1, 1] -> (mean, logvar), each (B, z_dim, 1 + (F-1)//4, H/s, W/s), float32;
     logvar clamped to [-30, 20] (DiagonalGaussianDistribution). ``chunk``: 4-frame groups per scan step."""
     dt = jnp.dtype(dtype)
@@ -344,6 +370,7 @@ def encode(params: Params, cfg: VAEConfig, video: jax.Array, *, dtype=jnp.float3
         x = _channels_last(xc, dt)
         return _patchify(x, p) if p else x
 
-    moments = _chunked(vae_encoder_ops(cfg), params, video, pre, _channels_first, 4, chunk, dt)  # after quant_conv
+    with _precision_scope(precision):  # moments: after quant_conv
+        moments = _chunked(vae_encoder_ops(cfg), params, video, pre, _channels_first, 4, chunk, dt)
     mean, logvar = jnp.split(moments, 2, axis=1)
     return mean, jnp.clip(logvar, -30.0, 20.0)
