@@ -162,3 +162,44 @@ def test_vae_precision_setting(t2v, measured):
         assert err <= 1e-6, err  # measured 0 (XLA:CPU computes float32 convs in full float32 either way)
     with pytest.raises(InputError, match="--vae-precision"):
         t2v.replace(vae_precision="fast")
+
+
+def test_cast_weights_in_slices(converted):
+    """Recasting in slices gives the bits of one program; with ``consume`` the old leaves are freed slice by
+    slice, so live device bytes stay within the larger of the old and new trees plus one slice's new
+    leaves (without it they reach old + new)."""
+    from wan_runtime import pipeline as P
+    from wan_runtime.checkpoint import open_checkpoint, restore
+    from wan_runtime.format import flatten
+
+    ck = open_checkpoint(converted["wan2.1-t2v"])
+    whole = flatten(P.cast_weights(restore(ck, ["transformer"])[0]["transformer"], "float32"))
+    new_total = sum(a.nbytes for a in whole.values())
+    real = P._cast_leaves
+
+    def run(consume):
+        tree = restore(ck, ["transformer"])[0]["transformer"]
+        old = flatten(tree)
+        old_total = sum(a.nbytes for a in old.values())
+        base, over = sum(a.nbytes for a in jax.live_arrays()) - old_total, []
+
+        def spy(leaves, todo):
+            out = real(leaves, todo)
+            jax.block_until_ready(out)
+            live = sum(a.nbytes for a in jax.live_arrays()) - base
+            over.append(live - (max(old_total, new_total) + sum(a.nbytes for a in out.values())))
+            return out
+
+        P._cast_leaves = spy
+        try:
+            # slice_bytes=1: one leaf a slice
+            return old, flatten(P.cast_weights(tree, "float32", consume=consume, slice_bytes=1)), over
+        finally:
+            P._cast_leaves = real
+
+    old, sliced, over = run(consume=True)
+    assert len(over) > 3 and max(over) <= 0, over  # several slices, each within the bound
+    assert all(np.array_equal(np.asarray(sliced[k]), np.asarray(whole[k])) for k in whole)
+    assert all(a.is_deleted() for k, a in old.items() if a.dtype != sliced[k].dtype)
+    _, _, kept = run(consume=False)  # the control: keeping the old leaves exceeds the bound
+    assert max(kept) > 0, kept

@@ -36,17 +36,41 @@ from .runconfig import DEFAULT_NEGATIVE, Dtypes, InputError, RunConfig  # noqa: 
 from .text import Tokenizer, embed_tokens, tokenize_prompts
 
 
-def cast_weights(tree, dtype: str):
-    """Recast a restored param tree by the converter's dtype rule, on device, in one compiled program
-    (one compile, kept by the persistent cache; leaf by leaf it was a compile per distinct shape, ~2 s
-    at the first float32 load of a process). Elementwise, so every leaf keeps its sharding."""
+#: leaves recast together in one compiled program: at most this many bytes of old leaves (or one leaf)
+CAST_SLICE_BYTES = 1 << 30
+
+
+def cast_weights(tree, dtype: str, *, consume: bool = False, slice_bytes: int | None = None):
+    """Recast a restored param tree by the converter's dtype rule, on device. Elementwise, so every leaf
+    keeps its sharding. Leaves go in slices of at most ``slice_bytes`` (default ``CAST_SLICE_BYTES``, or
+    one leaf if larger), one compiled program per slice (kept by the persistent cache; leaf by leaf it
+    was a compile per distinct shape). ``consume``: the old leaves are deleted as soon as their slice is
+    cast, so the device holds at most the old tree plus one slice of new leaves (a 14B float32 -> bf16
+    recast no longer needs old + new)."""
     from .format import flatten, stored_dtype, unflatten
 
     flat = flatten(tree)
     todo = tuple((p, stored_dtype(p, dtype)) for p, a in flat.items() if a.dtype != jnp.dtype(stored_dtype(p, dtype)))
-    if not todo:
-        return tree
-    return unflatten({**flat, **_cast_leaves({p: flat[p] for p, _ in todo}, todo)})
+    out, limit = dict(flat), slice_bytes or CAST_SLICE_BYTES
+    for part in _slices(todo, {p: flat[p].nbytes for p, _ in todo}, limit):
+        out.update(_cast_leaves({p: flat[p] for p, _ in part}, part))
+        if consume:
+            for p, _ in part:
+                flat[p].delete()
+    return unflatten(out) if todo else tree
+
+
+def _slices(todo, nbytes, limit):
+    """Consecutive runs of ``todo`` whose old bytes stay within ``limit`` (a larger leaf alone)."""
+    part, size = [], 0
+    for item in todo:
+        if part and size + nbytes[item[0]] > limit:
+            yield tuple(part)
+            part, size = [], 0
+        part.append(item)
+        size += nbytes[item[0]]
+    if part:
+        yield tuple(part)
 
 
 @functools.partial(jax.jit, static_argnames=("todo",))
@@ -214,7 +238,7 @@ class WanPipeline:
         for c in params:
             want = dtypes.vae_weights if c == "vae" else dtypes.weights
             if want:
-                params[c] = cast_weights(params[c], want)
+                params[c] = cast_weights(params[c], want, consume=True)
         jax.block_until_ready(params)
         if executable_cache is None:
             executable_cache = os.environ.get("WAN_JAX_EXECUTABLE_CACHE", "0") == "1"
