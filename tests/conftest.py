@@ -74,6 +74,21 @@ def converted(tiny_repos, tmp_path_factory) -> dict[str, pathlib.Path]:
 
 
 @pytest.fixture(scope="session")
+def converted_f32(tiny_repos, tmp_path_factory):
+    """``get(family)``: a float32 conversion of the tiny repo (for float32 parity), made on first use and
+    shared by the session."""
+    from wan_convert.convert import convert
+
+    root, cache = tmp_path_factory.mktemp("converted-f32"), {}
+
+    def get(family: str) -> pathlib.Path:
+        if family not in cache:
+            cache[family] = convert(str(tiny_repos[family]), root / family, weights_dtype="float32").output
+        return cache[family]
+    return get
+
+
+@pytest.fixture(scope="session")
 def measured():
     """``measured(key, value, **info)`` records a figure a test measured (a max abs error, a PSNR) under a
     stable key such as "pipeline/wan2.1-t2v/latents_max_abs"; the session writes them to

@@ -9,7 +9,6 @@ import jax
 import numpy as np
 import pytest
 
-from wan_convert.convert import convert
 from wan_runtime import families
 from wan_runtime.pipeline import WanPipeline
 
@@ -37,16 +36,8 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def f32_checkpoints(tiny_repos, tmp_path_factory):
-    """family -> a float32 conversion of the tiny repo, made on first use and shared by the module."""
-    root = tmp_path_factory.mktemp("bf16-vs-f32")
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = convert(str(tiny_repos[family]), root / family, weights_dtype="float32").output
-        return cache[family]
-    return get
+def f32_checkpoints(converted_f32):
+    return converted_f32  # the session's float32 conversions (tests/conftest.py)
 
 
 def _run(pipe, family, latents, image):

@@ -9,7 +9,6 @@ tolerance away from diffusers, so a bug with the same effect cannot pass.
 import numpy as np
 import pytest
 
-from wan_convert.convert import convert
 from wan_runtime import schedulers
 from wan_runtime.pipeline import DEFAULT_NEGATIVE, InputError, WanPipeline
 
@@ -91,15 +90,8 @@ def _diffusers_run(repo, family, latents, height, width, image):
 
 
 @pytest.fixture(scope="module")
-def f32(tiny_repos, tmp_path_factory):
-    root = tmp_path_factory.mktemp("f32fam")
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = convert(str(tiny_repos[family]), root / family, weights_dtype="float32").output
-        return cache[family]
-    return get
+def f32(converted_f32):
+    return converted_f32  # the session's float32 conversions (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -161,16 +153,17 @@ def test_family_matches_diffusers(case, pipes, reference, measured):
         k = _boundary(pipe)[1]
         assert 0 < k < STEPS, k
     latents, image, ref_lat, ref_frames = reference(case)
-    lat_max, lat_rel, frames_max = _errors(*_ours(pipe, case, latents, image), ref_lat, ref_frames)
-    print(f"{case}: latents max abs {lat_max:.2e} rel L2 {lat_rel:.2e}; frames max abs {frames_max:.2e}")
-    info = dict(reference="diffusers float32", steps=STEPS, frames=FRAMES)
-    measured(f"pipeline/{case}/latents_max_abs", lat_max, **info)
-    measured(f"pipeline/{case}/latents_rel_l2", lat_rel, **info)
-    measured(f"pipeline/{case}/frames_max_abs", frames_max, **info)
-    tol_max, tol_rel, tol_frames = TOL[case]
-    assert lat_max <= tol_max, f"{case}: latents max abs error {lat_max}"  # measured: see TOL
-    assert lat_rel <= tol_rel, f"{case}: latents relative L2 error {lat_rel}"  # measured: see TOL
-    assert frames_max <= tol_frames, f"{case}: frames max abs error {frames_max}"  # measured: see TOL
+    errors = _errors(*_ours(pipe, case, latents, image), ref_lat, ref_frames)
+    check_parity(case, errors, TOL[case], measured, steps=STEPS, frames=FRAMES)  # measured: see TOL
+
+
+def check_parity(case, errors, tolerances, measured, **info):
+    """(latents max abs, latents relative L2, frames max abs) against diffusers: recorded, and each within
+    its tolerance."""
+    print(f"{case}: latents max abs {errors[0]:.2e} rel L2 {errors[1]:.2e}; frames max abs {errors[2]:.2e}")
+    for what, err, tol in zip(("latents_max_abs", "latents_rel_l2", "frames_max_abs"), errors, tolerances):
+        measured(f"pipeline/{case}/{what}", err, reference="diffusers float32", **info)
+        assert err <= tol, f"{case}: {what} {err} > {tol}"
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -193,13 +186,18 @@ def test_family_controls_are_visible(case, pipes, reference, measured):
             timesteps, k = _boundary(pipe)
             kw["boundary_ratio"] = (float(timesteps[k]) - 0.5) / 1000
             assert _boundary(pipe, kw["boundary_ratio"])[1] == k + 1
-        out = _ours(pipe, case, latents, image, **kw)
-        lat_max, lat_rel, frames_max = _errors(*out, ref_lat, ref_frames)
-        print(f"{case} {name}: latents max abs {lat_max:.2e} rel L2 {lat_rel:.2e}; frames max abs {frames_max:.2e}")
-        measured(f"pipeline/{case}/{name}_frames_moved", frames_max, steps=STEPS, control=True)
-        assert lat_max >= MOVE * tol_max, f"{case} {name}: latents moved only {lat_max}"
-        assert lat_rel >= MOVE * tol_rel, f"{case} {name}: latents moved only {lat_rel} (rel L2)"
-        assert frames_max >= MOVE * tol_frames, f"{case} {name}: frames moved only {frames_max}"
+        errors = _errors(*_ours(pipe, case, latents, image, **kw), ref_lat, ref_frames)
+        check_control(f"{case} {name}", f"pipeline/{case}/{name}_frames_moved", errors, (tol_max, tol_rel, tol_frames),
+                      measured, STEPS)
+
+
+def check_control(label, key, errors, tolerances, measured, steps):
+    """A negative control: how far the bug's effect moved (latents max abs, latents relative L2, frames max
+    abs), recorded, and each at least MOVE times its tolerance."""
+    print(f"{label}: latents max abs {errors[0]:.2e} rel L2 {errors[1]:.2e}; frames max abs {errors[2]:.2e}")
+    measured(key, errors[2], steps=steps, control=True)
+    for what, moved, tol in zip(("latents", "latents (rel L2)", "frames"), errors, tolerances):
+        assert moved >= MOVE * tol, f"{label}: {what} moved only {moved}"
 
 
 def test_image_required_and_refused(pipes):

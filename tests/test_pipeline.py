@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from wan_convert.convert import convert
+from tests.test_families import MOVE, check_control, check_parity
 from wan_runtime.pipeline import DEFAULT_NEGATIVE, WanPipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -36,7 +37,6 @@ TOL = {
     5.0: (2e-4, 4e-5, 1.5e-4),  # measured 1.0-1.1e-5, 2.0-2.2e-6, 6.1-8.5e-6 (the CLI's frames: the same)
     1.0: (4e-5, 8e-6, 3e-5),  # measured 2.0e-6, 3.9e-7, 1.8e-6 (the CLI's frames: the same)
 }
-MOVE = 100  # a control must land at least this many tolerances away from diffusers
 
 
 def _initial_latents():
@@ -111,16 +111,8 @@ def test_cli_npy_matches_diffusers(reference, f32_checkpoint, tmp_path, guidance
 
 @pytest.mark.parametrize("guidance", GUIDANCES)
 def test_api_latents_match_diffusers(reference, api_pipe, guidance, measured):
-    lat_max, lat_rel, frames_max = _errors(*_api(api_pipe, guidance), *reference[guidance])
-    print(f"API, guidance {guidance}: latents max abs {lat_max:.2e} rel L2 {lat_rel:.2e}; frames max abs {frames_max:.2e}")
-    case, info = f"wan2.1-t2v-g{guidance:g}", dict(reference="diffusers float32", steps=STEPS)
-    measured(f"pipeline/{case}/latents_max_abs", lat_max, **info)
-    measured(f"pipeline/{case}/latents_rel_l2", lat_rel, **info)
-    measured(f"pipeline/{case}/frames_max_abs", frames_max, **info)
-    tol_max, tol_rel, tol_frames = TOL[guidance]
-    assert lat_max <= tol_max, f"latents max abs error {lat_max}"  # measured: see TOL
-    assert lat_rel <= tol_rel, f"latents relative L2 error {lat_rel}"  # measured: see TOL
-    assert frames_max <= tol_frames, f"frames max abs error {frames_max}"  # measured: see TOL
+    errors = _errors(*_api(api_pipe, guidance), *reference[guidance])
+    check_parity(f"wan2.1-t2v-g{guidance:g}", errors, TOL[guidance], measured, steps=STEPS)  # measured: see TOL
 
 
 @pytest.mark.parametrize("guidance", GUIDANCES)
@@ -133,12 +125,9 @@ def test_api_controls_are_visible(reference, api_pipe, guidance, measured):
         controls["negative_prompt"] = dict(guidance=guidance, negative="")
     tol_max, tol_rel, tol_frames = TOL[guidance]
     for name, kw in controls.items():
-        lat_max, lat_rel, frames_max = _errors(*_api(api_pipe, **kw), *reference[guidance])
-        print(f"guidance {guidance} {name}: latents max abs {lat_max:.2e} rel L2 {lat_rel:.2e}; frames {frames_max:.2e}")
-        measured(f"pipeline/wan2.1-t2v-g{guidance:g}/{name}_frames_moved", frames_max, steps=STEPS, control=True)
-        assert lat_max >= MOVE * tol_max, f"{name}: latents moved only {lat_max}"
-        assert lat_rel >= MOVE * tol_rel, f"{name}: latents moved only {lat_rel} (rel L2)"
-        assert frames_max >= MOVE * tol_frames, f"{name}: frames moved only {frames_max}"
+        errors = _errors(*_api(api_pipe, **kw), *reference[guidance])
+        check_control(f"guidance {guidance} {name}", f"pipeline/wan2.1-t2v-g{guidance:g}/{name}_frames_moved", errors,
+                      (tol_max, tol_rel, tol_frames), measured, STEPS)
 
 
 def test_demo_mp4_and_sidecar(tmp_path):
