@@ -63,6 +63,27 @@ def self_attention(q, k, v, key_mask, layout, mode: str):
     return fn(q, k, v, key_mask)
 
 
+def local_attention(q, k, v, layout, key_mask=None):
+    """:func:`attention.attention` for attention that needs no exchange between the sequence shards
+    (cross-attention: every text / image key is on every device; self-attention whose sequence is not
+    split). On a mesh of several devices the kernel runs inside ``shard_map`` with explicit specs, q
+    split by batch, sequence and heads, k / v by batch and heads, so a custom kernel (cuDNN, splash) is
+    never left to XLA's partitioner, which cannot split it. One device: a plain call."""
+    if layout is None or not layout.active:
+        return attention(q, k, v, key_mask=key_mask)
+    B, S, H, _ = q.shape
+    batch, heads = layout.axis_if_divides("batch", B), layout.axis_if_divides("act_heads", H)
+    seq = layout.axis_if_divides("seq", S)
+    q_spec, kv_spec = P(batch, seq, heads, None), P(batch, None, heads, None)
+    if key_mask is None:
+        fn = jax.shard_map(lambda q, k, v: attention(q, k, v), mesh=layout.mesh, in_specs=(q_spec, kv_spec, kv_spec),
+                           out_specs=q_spec, check_vma=False)
+        return fn(q, k, v)
+    fn = jax.shard_map(lambda q, k, v, m: attention(q, k, v, key_mask=m), mesh=layout.mesh,
+                       in_specs=(q_spec, kv_spec, kv_spec, P(batch, None)), out_specs=q_spec, check_vma=False)
+    return fn(q, k, v, key_mask)
+
+
 def _gather(x, axes, axis):
     return jax.lax.all_gather(x, axes, axis=axis, tiled=True)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..configs import WanTransformerConfig
 from . import context_parallel
-from .attention import attention, preferred_multiple
+from .attention import preferred_multiple
 from .layers import dense, layer_norm, rms_norm
 
 F32 = jnp.float32
@@ -193,17 +193,17 @@ def block(p, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype, *, key_ma
         mode = context_parallel.choose_mode(layout.context_attention, H, layout.count("act_heads") if
                                             H % layout.count("act_heads") == 0 else 1, layout.seq_shards)
         o = context_parallel.self_attention(q, k, v, key_mask, layout, mode).reshape(x.shape)
-    else:
-        o = attention(q, k, v, key_mask=key_mask).reshape(x.shape)
+    else:  # the sequence is not split: no exchange between devices
+        o = context_parallel.local_attention(q, k, v, layout, key_mask).reshape(x.shape)
     x = (x.astype(F32) + dense(o, a["to_out"], dtype) * gate).astype(dtype)
 
     # 2. cross-attention on the precomputed K/V (image branch added before to_out); no gate
     a = p["attn2"]
     h = (layer_norm(x, cfg.eps, p["norm2"]) if cfg.cross_attn_norm else x).astype(dtype)
     q = split_heads(qnorm(dense(h, a["to_q"], dtype), a, "norm_q"), H)
-    o = attention(q, kv["k"], kv["v"])
+    o = context_parallel.local_attention(q, kv["k"], kv["v"], layout)
     if "k_img" in kv:
-        o = o + attention(q, kv["k_img"], kv["v_img"])
+        o = o + context_parallel.local_attention(q, kv["k_img"], kv["v_img"], layout)
     x = x + dense(o.reshape(x.shape), a["to_out"], dtype)
 
     # 3. feed-forward (GELU tanh)
