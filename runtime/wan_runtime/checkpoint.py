@@ -62,6 +62,7 @@ class Checkpoint:
     root: pathlib.Path
     manifest: dict
     model_index: dict
+    _configs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def family(self) -> str:
@@ -72,8 +73,11 @@ class Checkpoint:
         return list(self.manifest["components"])
 
     def config(self, component: str) -> dict:
-        """A component's config.json (copied from the source by wan-convert)."""
-        return read_json(self.root / component / "config.json")
+        """A component's config.json (copied from the source by wan-convert), read once (callers do not
+        modify it): settings resolution, validation and the pipeline all ask for it."""
+        if component not in self._configs:
+            self._configs[component] = read_json(self.root / component / "config.json")
+        return self._configs[component]
 
     @property
     def scheduler_config(self) -> dict:
