@@ -15,20 +15,34 @@ Two readers give the same bits:
   contiguous run of their shard are read into place with ``preadv`` (one kernel copy out of the page
   cache), checksummed piece by piece while each piece is in cache. A chunk that is not one run of its
   shard (a checkpoint converted for another mesh, a padded edge chunk) is read whole into scratch
-  memory and copied into every shard it overlaps. ``jax.device_put`` on CPU aliases such aligned
-  buffers (no copy); on an accelerator it copies them to the device once. A missing, truncated or
-  altered chunk file is an error naming the array and the chunk (as TensorStore reports it). Mapped
-  weights rely on what wan-convert guarantees: a checkpoint's files are never rewritten in place (a
-  re-conversion writes new files and renames the folder; unlinked files stay valid while mapped).
+  memory and copied into every shard it overlaps. A missing, truncated or altered chunk file is an
+  error naming the array and the chunk (as TensorStore reports it). Mapped weights rely on what
+  wan-convert guarantees: a checkpoint's files are never rewritten in place (a re-conversion writes new
+  files and renames the folder; unlinked files stay valid while mapped).
 - TensorStore, for everything else (other codecs, OCDBT, an Orbax re-save), or without the ``crc32c``
   module: all shard reads of a component in flight at once.
+
+Reads and host -> device copies overlap: a leaf's copies start as soon as its last chunk is in (the
+direct reader: in the order leaves complete; TensorStore: in leaf order), while later leaves are still
+being read. ``jax.device_put`` is asynchronous; on CPU it aliases the page-aligned shard buffers (no
+copy, one buffer for all the devices that hold a shard); on an accelerator it copies them.
+
+Staged replication: a shard that N devices of this process hold (a replicated leaf, or a leaf split
+over some mesh axes and replicated over the others), of at least ``STAGE_MIN_BYTES``, crosses the host
+link once, not N times: each holder gets a different 1/N of it, split along the first dimension N
+divides (``sharding.stage_spec``), and one compiled all-gather (a jitted identity into the leaf's
+sharding, compiled once per shape, dtype and sharding pair) assembles the copies on the devices, whose
+interconnect is faster than the host link. Shards no dimension of which N divides, leaves that span
+other processes, and (unless ``STAGE_ON_CPU``) CPU devices keep the plain per-device copies.
 
 The same files restore with plain Orbax too (see tests).
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -38,7 +52,7 @@ import pathlib
 import platform
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Mapping
 
 import numpy as np
@@ -51,6 +65,16 @@ try:  # hardware crc32c that releases the GIL; without it TensorStore reads (and
     from crc32c import crc32c as _crc32c
 except ImportError:  # pragma: no cover
     _crc32c = None
+
+#: A shard replicated over several devices is staged (sent once, 1/N per holder, then all-gathered on
+#: the devices) from this many bytes up; smaller ones are sent to each holder (no compile for them).
+STAGE_MIN_BYTES = 1 << 20
+#: Stage on CPU devices too (tests, benchmarks). Off by default: there ``jax.device_put`` aliases one
+#: host buffer on every holder, so staging would only add the all-gather's copies.
+STAGE_ON_CPU = False
+#: Start each leaf's host -> device copies as soon as its chunks are read. False: every read of a
+#: component first, then every copy (the order before staged restore; tools/bench_restore.py compares).
+OVERLAP = True
 
 
 class CheckpointError(ValueError):
@@ -127,8 +151,7 @@ def restore_component(ckpt: Checkpoint, component: str, mesh=None, rules: Mappin
         sharding = shd.named_sharding(mesh, leaf.shape, leaf.axes, rules)
         by_index: dict[tuple, list] = {}
         for dev, idx in sharding.addressable_devices_indices_map(leaf.shape).items():
-            by_index.setdefault(tuple((s.start or 0, leaf.shape[d] if s.stop is None else s.stop)
-                                      for d, s in enumerate(idx)), []).append(dev)
+            by_index.setdefault(_box(idx, leaf.shape), []).append(dev)
         chunks = _direct_chunks(folder, path, leaf) if direct and _crc32c is not None else None
         if chunks is None:
             ts_leaves[path] = (leaf, sharding, by_index)
@@ -143,7 +166,6 @@ def restore_component(ckpt: Checkpoint, component: str, mesh=None, rules: Mappin
 
 
 def _restore_tensorstore(folder: pathlib.Path, component: str, leaves: dict, ctx) -> dict[str, Any]:
-    import jax
     import tensorstore as ts
 
     # open every array (metadata reads in flight together)
@@ -160,17 +182,71 @@ def _restore_tensorstore(folder: pathlib.Path, component: str, leaves: dict, ctx
         futures = {key: arr[tuple(slice(a, b) for a, b in key)].read() for key in by_index}
         reads.append((path, leaf, sharding, by_index, futures))
     out: dict[str, Any] = {}
-    for path, leaf, sharding, by_index, futures in reads:
-        shards = []
-        for key, devs in by_index.items():
+    for path, leaf, sharding, by_index, futures in reads:  # a leaf's copies start while later ones read
+        hosts = {}
+        for key in by_index:
             try:
-                host = futures[key].result()
+                hosts[key] = futures[key].result()
             except Exception as e:  # noqa: BLE001
                 raise CheckpointError(f"{fmt.array_dir(folder, path)}: unreadable or corrupt ({one_line(e, 300)}); "
                                       "re-convert or re-copy the checkpoint") from None
-            shards.extend(jax.device_put([host] * len(devs), devs))
-        out[path] = jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
+        out[path] = _to_devices(leaf, sharding, by_index, hosts)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Host buffers -> device arrays: plain per-device copies, or staged (1/N per holder + all-gather).
+# --------------------------------------------------------------------------------------------
+def _box(idx: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """A shard's index (slices, None for whole dimensions) as (start, stop) per dimension."""
+    return tuple((s.start or 0, n if s.stop is None else s.stop) for s, n in zip(idx, shape))
+
+
+def _staged_sharding(leaf: fmt.Leaf, sharding, by_index: dict):
+    """The sharding a leaf crosses the host link in when it is staged (each replicated shard split 1/N
+    over its N holders; see the module docstring for when), or None to copy each shard to each holder."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    key, devs = next(iter(by_index.items()), ((), ()))
+    shard = tuple(b - a for a, b in key)
+    nbytes = math.prod(shard) * fmt.np_dtype(leaf.dtype).itemsize
+    if (len(devs) < 2 or not nbytes or nbytes < STAGE_MIN_BYTES or not isinstance(sharding, NamedSharding)
+            or not sharding.is_fully_addressable or (devs[0].platform == "cpu" and not STAGE_ON_CPU)):
+        return None
+    spec = shd.stage_spec(tuple(sharding.spec), shard, dict(sharding.mesh.shape))
+    if spec is None:
+        return None
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
+
+
+@functools.lru_cache(maxsize=None)
+def _gather(staged, sharding):
+    """The all-gather from ``staged`` to ``sharding``: a jitted identity, one per sharding pair, which jit
+    compiles once per shape and dtype (a 40-layer checkpoint compiles a handful, not one per leaf)."""
+    import jax
+
+    return jax.jit(lambda x: x, in_shardings=staged, out_shardings=sharding)
+
+
+def _to_devices(leaf: fmt.Leaf, sharding, by_index: dict, hosts: dict[tuple, np.ndarray]):
+    """One leaf's host shards (box -> array, for the boxes of ``by_index``) as a ``jax.Array`` of
+    ``sharding``; the copies (and the all-gather of a staged leaf) run on after it returns."""
+    import jax
+
+    staged = _staged_sharding(leaf, sharding, by_index)
+    if staged is None:
+        shards = []
+        for key, devs in by_index.items():
+            shards.extend(jax.device_put([hosts[key]] * len(devs), devs))
+        return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
+    holder = {dev: key for key, devs in by_index.items() for dev in devs}
+    parts, devs = [], []
+    for dev, idx in staged.addressable_devices_indices_map(leaf.shape).items():
+        key = holder[dev]
+        parts.append(hosts[key][tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(_box(idx, leaf.shape), key))])
+        devs.append(dev)
+    pieces = jax.make_array_from_single_device_arrays(leaf.shape, staged, jax.device_put(parts, devs))
+    return _gather(staged, sharding)(pieces)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,27 +435,35 @@ def _read_task(p: _DirectLeaf, file: pathlib.Path, targets: list) -> None:
 
 
 def _restore_direct(plans: list[_DirectLeaf], threads: int) -> dict[str, Any]:
-    import jax
-
+    """Read every chunk of ``plans`` into per-shard host buffers with ``threads`` threads; the main thread
+    starts each leaf's copies to its devices as soon as the last of its chunks is in (``OVERLAP``)."""
     buffers = {p.path: {key: shard_buffer(tuple(b - a for a, b in key), fmt.np_dtype(p.leaf.dtype))
                         for key in p.by_index} for p in plans}
     tasks = [(p, file, targets) for p in plans for file, targets in _chunk_tasks(p, buffers[p.path])]
     tasks.sort(key=lambda t: -math.prod(t[0].chunks) * fmt.np_dtype(t[0].leaf.dtype).itemsize)  # big first
+    left = collections.Counter(p.path for p, _, _ in tasks)
+    ready = [p for p in plans if not left[p.path]]  # leaves with nothing to read (no elements)
+    out: dict[str, Any] = {}
+
+    def put(p: _DirectLeaf) -> None:
+        out[p.path] = _to_devices(p.leaf, p.sharding, p.by_index, buffers.pop(p.path))
+
     with ThreadPoolExecutor(max(1, min(threads, len(tasks))), thread_name_prefix="restore-read") as ex:
-        futures = [ex.submit(_read_task, *t) for t in tasks]
+        futures = {ex.submit(_read_task, *t): t[0] for t in tasks}
         try:
-            for f in futures:
+            for f in as_completed(futures):
                 f.result()
+                left[futures[f].path] -= 1
+                if not left[futures[f].path]:  # the leaf's last chunk is in: its copies start now
+                    ready.append(futures[f])
+                while OVERLAP and ready:
+                    put(ready.pop())
         except BaseException:
             for f in futures:
                 f.cancel()
             raise
-    out: dict[str, Any] = {}
-    for p in plans:
-        shards = []
-        for key, devs in p.by_index.items():
-            shards.extend(jax.device_put([buffers[p.path][key]] * len(devs), devs))
-        out[p.path] = jax.make_array_from_single_device_arrays(p.leaf.shape, p.sharding, shards)
+    for p in ready:
+        put(p)
     return out
 
 

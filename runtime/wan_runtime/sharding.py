@@ -128,6 +128,23 @@ def chunk_shape(shape: Sequence[int], axes: Sequence[str | None], mesh_shape: Ma
     return tuple(chunk)
 
 
+def stage_spec(spec: Sequence, shard: Sequence[int], mesh_shape: Mapping[str, int]) -> tuple | None:
+    """The spec that splits every shard of ``spec`` (shape ``shard``) once more, over the mesh axes that
+    replicate it: they are appended (in mesh order) to the first dimension whose shard extent their
+    device count N divides, so each of a shard's N holders gets a different 1/N of it. None when
+    ``spec`` replicates over no axis of size > 1 or no dimension divides (restore's staged transfer)."""
+    spec = list(spec) + [None] * (len(shard) - len(spec))
+    used = {a for e in spec for a in ((e,) if isinstance(e, str) else e or ())}
+    rep = tuple(a for a, n in mesh_shape.items() if n > 1 and a not in used)
+    n = math.prod(mesh_shape[a] for a in rep)
+    dim = next((d for d, extent in enumerate(shard) if extent % n == 0), None)
+    if n == 1 or dim is None:
+        return None
+    own = spec[dim]
+    spec[dim] = ((own,) if isinstance(own, str) else tuple(own or ())) + rep
+    return tuple(spec)
+
+
 # ---------------------------------------------------------------------------------------- JAX
 def make_mesh(mesh_shape: Mapping[str, int], devices=None):
     """A ``jax.sharding.Mesh`` with the four named axes (Auto axis types, GSPMD propagation)."""
