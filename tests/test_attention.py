@@ -98,6 +98,25 @@ def test_backend_selection_cpu():
         assert A.select_implementation(q, q) == "blocked"
 
 
+@pytest.mark.parametrize("seq_len, tpu", [
+    (32760, 512),   # 480p x 81 frames: +8 tokens
+    (75600, 512),   # 720p x 81 frames: +176 (0.2%); 128 would give 75,648 = 2^7 x 591, 128-tiles only
+    (27280, 512),   # TI2V 5B 704 x 1280 x 121 frames: +368 (1.3%)
+    (512, 512), (1024, 512),
+    (640, 128),     # 512 would add 384 (60%)
+    (4400, 128),    # 512 would add 208 (4.7%, over 1/32); 128 adds 80
+    (100, 128), (0, 128), (None, 128),
+])
+def test_preferred_multiple_per_sequence(seq_len, tpu):
+    """TPU: splash's 512-tiles when padding to 512 adds <= 1/32 of the tokens, else 128; GPU 128; CPU 1."""
+    assert A.preferred_multiple("tpu", seq_len) == tpu
+    assert A.preferred_multiple("gpu", seq_len) == 128 and A.preferred_multiple("cpu", seq_len) == 1
+    if tpu == 512 and seq_len:
+        assert (-seq_len % 512) * A.PAD_FRACTION <= seq_len
+    elif seq_len:
+        assert (-seq_len % 512) * A.PAD_FRACTION > seq_len
+
+
 def test_tpu_selection_falls_back_without_splash(monkeypatch):
     q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
     if A._splash_module() is not None:

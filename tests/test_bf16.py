@@ -1,7 +1,8 @@
 """The default bf16 path against the float32 path, for every family.
 
-bf16: the default conversion (bf16 weights, the `converted` fixture) run with the default dtypes (bf16
-transformer and text encoder, float32 VAE and scheduler). float32: a float32 conversion run with
+bf16: the default conversion (bf16 weights, the `converted` fixture) run with ``dtype="bfloat16"``, the
+accelerators' default dtypes (bf16 transformer and text encoder, float32 VAE and scheduler; on CPU the
+default is float32, ``Dtypes.default``). float32: a float32 conversion run with
 ``dtype="float32"``. Same initial latents, same image; PSNR of the uint8 frames (peak 255).
 (Random tiny weights: this checks the bf16 path end to end, not real-model quality.)
 """
@@ -63,7 +64,7 @@ def test_psnr_helper():
 def test_bf16_close_to_float32(family, converted, f32_checkpoints, measured):
     height, width, with_image = CASES[family]
     image = _image() if with_image else None
-    bf16 = WanPipeline.from_converted(converted[family])  # the defaults
+    bf16 = WanPipeline.from_converted(converted[family], dtype="bfloat16")  # the bf16 defaults, explicit
     f32 = WanPipeline.from_converted(f32_checkpoints(family), dtype="float32")
     assert "bfloat16" in _weight_dtypes(bf16) and bf16.dtypes.transformer == "bfloat16"
     assert _weight_dtypes(f32) == {"float32"} and f32.dtypes.transformer == "float32"

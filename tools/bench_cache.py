@@ -56,7 +56,7 @@ def measure(workdir: pathlib.Path, size: str = "small", steps: int = 20, height:
     from wan_runtime import caching
     from wan_runtime.pipeline import WanPipeline
 
-    pipe = WanPipeline.from_converted(mtc.converted(workdir, size))
+    pipe = WanPipeline.from_converted(mtc.converted(workdir, size), dtype="bfloat16")  # the README's bf16 rows
     kw = dict(negative_prompt="blurry, static", height=height, width=width, num_frames=frames,
               guidance_scale=5.0, seed=0, output_type="uint8")
     prompt = "a red fox runs through fresh snow"

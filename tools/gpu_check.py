@@ -459,7 +459,7 @@ def _step_resolution(params, cfg, shape, sz: dict, seed: int) -> dict:
     exe, compile_s = compiled(loop, params, x, text, rope, cfg=cfg, steps=sz["steps"], dtype=dtype)
     loop_s, out = best_time(lambda: exe(params, x, text, rope), sz["repeats"])
     tokens = math.prod(grid)
-    padded = tokens + (-tokens % A.preferred_multiple())
+    padded = tokens + (-tokens % A.preferred_multiple(seq_len=tokens))
     fl = dit_flops(cfg, shape[0], tokens, padded, sz["text_len"])
     total = sz["steps"] * fl["step"] + fl["once"]
     xla_block = _xla_block_flops(params, cfg, shape[0], padded, sz["text_len"], dtype)

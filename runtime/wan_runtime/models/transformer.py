@@ -221,13 +221,13 @@ def run_blocks(params, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype,
     """All blocks: ``lax.scan`` over the stacked layer axis of params['blocks'] and of kv.
 
     pad_to: the S tokens (x, rope, per-token temb_proj) are zero-padded to a multiple of it for the
-    attention kernel (None: ``preferred_multiple()`` of the backend, 1: no padding) and cut back
-    after. Only self-attention mixes tokens and it masks the padded keys out, so the result does
-    not depend on pad_to (up to float reassociation). With a ``layout`` that splits the sequence over
-    n devices, the multiple is n times that (every shard gets whole kernel tiles).
+    attention kernel (None: ``preferred_multiple`` of the backend and the tokens per shard, 1: no
+    padding) and cut back after. Only self-attention mixes tokens and it masks the padded keys out,
+    so the result does not depend on pad_to (up to float reassociation). With a ``layout`` that
+    splits the sequence over n devices, the multiple is n times that (every shard gets whole tiles).
     """
     S = x.shape[1]
-    multiple = pad_to or preferred_multiple()
+    multiple = pad_to or preferred_multiple(seq_len=S if layout is None else S // layout.seq_shards)
     if layout is not None:
         multiple *= layout.seq_shards
     pad = -S % multiple
