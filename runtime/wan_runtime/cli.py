@@ -54,7 +54,7 @@ def _opt(group: str, *decls, **kw):
 _G, _I, _P, _C, _D, _O = "Generation", "Image and video inputs", "Precision", "Step caching", "Devices and compilation", "Output"
 OPTIONS = [
     _opt(_G, "--checkpoint", required=True, type=click.Path(), help="a checkpoint written by wan-convert"),
-    _opt(_G, "--prompt", required=True),
+    _opt(_G, "--prompt", default=None, help="required unless --plan"),
     _opt(_G, "--negative-prompt", default=None, help="default: the preset's, else Wan's standard negative prompt"),
     _opt(_G, "--preset", default=None, help="configs/ preset name or .toml path (default: matched to the checkpoint)"),
     _opt(_G, "--height", type=int, default=None), _opt(_G, "--width", type=int, default=None),
@@ -71,7 +71,7 @@ OPTIONS = [
          help="initial latents .npy, (C, F', H', W') or (1, C, F', H', W')"),
     _opt(_P, "--dtype", type=click.Choice(DTYPES), default=None,
          help="every dtype at once, weights included (the scheduler stays float32); default: bfloat16 "
-              "transformer and text encoder, float32 VAE, weights as converted"),
+              "transformer and text encoder, float32 VAE, weights as converted on GPU/TPU; float32 on CPU"),
     _opt(_P, "--transformer-dtype", type=click.Choice(DTYPES), default=None, help="transformer compute dtype"),
     _opt(_P, "--text-encoder-dtype", type=click.Choice(DTYPES), default=None),
     _opt(_P, "--vae-dtype", type=click.Choice(DTYPES), default=None, help="VAE compute dtype"),
@@ -105,6 +105,9 @@ OPTIONS = [
     _opt(_P, "--vae-precision", type=click.Choice(["default", "highest"]), default=None,
          help="float32 VAE convs: default (TF32 on GPUs) or highest (full float32); default: default on GPU, "
               "highest elsewhere"),
+    _opt(_D, "--offload", type=click.Choice(["auto", "none", "encoders", "experts", "all"]), default="auto",
+         show_default=True, help="weights kept in host memory between their uses: the text/image encoders after "
+         "the conditioning, the inactive Wan 2.2 expert; auto = what the device's memory needs (none on CPU)"),
     _opt(_D, "--vae-chunk", type=click.IntRange(1, 64), default=1, show_default=True,
          help="latent frames per VAE decode scan step"),
     _opt(_D, "--compile-cache", default=None, help="persistent compilation cache folder, or 'off' "
@@ -114,6 +117,10 @@ OPTIONS = [
     _opt(_O, "--output", "-o", default="out.mp4", show_default=True,
          help="out.mp4, or out.npy for float32 frames in [0, 1]"),
     _opt(_O, "--fps", type=int, default=None),
+    _opt(_O, "--plan", is_flag=True, help="print the per-device memory of this generation (weights, K/V cache, "
+         "each stage from XLA's memory analysis) and whether it fits; loads no weights, runs on CPU for any size"),
+    _opt(_O, "--device-memory", default=None, help="--plan: the device memory to fit, e.g. 80GiB (default: this "
+         "device's)"),
     _opt(_O, "--quiet", "-q", is_flag=True, help="no progress bar"),
     _opt(_O, "--debug", is_flag=True, help="show tracebacks"),
 ]
@@ -159,9 +166,11 @@ def run(flags: dict) -> None:
     from .checkpoint import open_checkpoint
     from .pipeline import WanPipeline
 
+    if flags["plan"]:
+        return print_plan(flags)
     out = _output(flags["output"])
-    if not flags["prompt"].strip():
-        raise UsageError("--prompt: empty prompt")
+    if not (flags["prompt"] or "").strip():
+        raise UsageError("--prompt: missing or empty")
     ckpt = open_checkpoint(flags["checkpoint"])
     image, init = _image(flags["image"]), _latents(flags["latents"])
     config = _config(ckpt, flags, image is not None)
@@ -176,7 +185,7 @@ def run(flags: dict) -> None:
         ckpt.root, mesh=config.mesh, dtype=_dtypes(flags), compilation_cache=flags["compile_cache"],
         executable_cache=flags["executable_cache"] or None, context_attention=flags["context_attention"],
         kv_cache=flags["kv_cache"], vae_chunk=flags["vae_chunk"], vae_precision=flags["vae_precision"],
-        preset=config.preset)
+        preset=config.preset, offload=flags["offload"])
     bar = _progress_bar(config.steps, flags["quiet"])
     gen = pipe.generate(flags["prompt"], config, image=image, latents=init,
                         output_type="np" if out.suffix == ".npy" else "uint8",
@@ -190,6 +199,31 @@ def run(flags: dict) -> None:
                    f"{config.steps * len(gen.block_runs)} times")
     if distributed.is_main():  # every process computed; process 0 writes
         _write(out, gen, flags, ckpt, pipe)
+
+
+def print_plan(flags: dict) -> None:
+    """``--plan``: the memory plan of the generation the other flags describe (plan.py)."""
+    from . import distributed
+    from .checkpoint import open_checkpoint
+    from .pipeline import enable_compilation_cache
+    from .plan import parse_bytes, plan
+
+    try:
+        limit = parse_bytes(flags["device_memory"]) if flags["device_memory"] else None
+    except ValueError:
+        raise UsageError(f"--device-memory: {flags['device_memory']!r} is not a size such as 80GiB") from None
+    ckpt = open_checkpoint(flags["checkpoint"])
+    config = _config(ckpt, flags, flags["image"] is not None)
+    distributed.initialize(flags["coordinator"], flags["num_processes"], flags["process_id"],
+                           flags["local_device_ids"])
+    enable_compilation_cache(flags["compile_cache"])
+    result = plan(ckpt, config, dtypes=_dtypes(flags), image=flags["image"] is not None, device_memory_bytes=limit,
+                  context_attention=flags["context_attention"], kv_cache=flags["kv_cache"],
+                  vae_chunk=flags["vae_chunk"], vae_precision=flags["vae_precision"], preset=config.preset,
+                  offload=flags["offload"])
+    click.echo(f"{ckpt.root.name}: {config.height}x{config.width}, {config.frames} frames, "
+               f"mesh {config.mesh or '1 device'}")
+    click.echo(result.render())
 
 
 def _output(output: str) -> pathlib.Path:
@@ -220,7 +254,7 @@ def _dtypes(flags: dict):
     from .runconfig import Dtypes
 
     per = ("transformer", "text_encoder", "vae", "weights", "vae_weights", "scheduler")
-    base = Dtypes.all(flags["dtype"]) if flags["dtype"] else Dtypes()  # --dtype: every dtype, weights included
+    base = Dtypes.all(flags["dtype"]) if flags["dtype"] else Dtypes.of(None)  # --dtype: every dtype, weights too
     return Dtypes.of(base, **{k: flags[f"{k}_dtype"] for k in per})
 
 
@@ -284,7 +318,7 @@ def _write(out: pathlib.Path, gen, flags: dict, ckpt, pipe) -> None:
                   "source": ckpt.manifest.get("source", {}).get("id")},
         "preset": gen.config.preset,
         "settings": gen.config.record() | {
-            "dtypes": dataclasses.asdict(pipe.dtypes), "kv_cache": pipe.kv_cache, "vae_chunk": pipe.vae_chunk,
+            "dtypes": dataclasses.asdict(pipe.dtypes), "offload": pipe.offload, "kv_cache": pipe.kv_cache, "vae_chunk": pipe.vae_chunk,
             "vae_precision": pipe.vae_precision,
             "block_runs": None if gen.block_runs is None else gen.block_runs.tolist(),
             "latents": flags["latents"], "image": flags["image"]},

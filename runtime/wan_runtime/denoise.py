@@ -1,7 +1,9 @@
 """The denoise loop: every sampling step of a generation inside one compiled executable.
 
-Families differ here by one hook, how the image condition enters the model input (``LoopSpec.mode``), and
-by the expert count (Wan 2.2 A14B: ``lax.cond`` picks the expert per step). Step caching enters through
+Families differ here by one hook, how the image condition enters the model input (``LoopSpec.mode``). One
+executable runs the steps of one expert: Wan 2.2 A14B calls it with the high-noise expert for the steps
+before the boundary, then with the low-noise one (same shapes, so the same executable; only the active
+expert need be on the device). Step caching enters through
 one interface (``caching.Policy.decide``): per step and batch row, whether the transformer blocks run or
 the row reuses its cached block residual (a ``lax.switch``, so a skipped row costs no block).
 """
@@ -33,7 +35,6 @@ class LoopSpec:
     """
 
     tcfg: tr.WanTransformerConfig
-    n_experts: int
     cfg: bool
     dtype: Any
     sched_dtype: Any
@@ -152,35 +153,25 @@ def pad_plan(plan: np.ndarray, steps: int) -> jax.Array:
     return jnp.asarray(out)
 
 
-def denoise(experts, kvs, x, sstate, cache, cond, mask, arrays, timesteps, guidance, boundary, rope, plan, start,
-            count, *, st: LoopSpec, tcfgs, grid):
-    """Steps [start, start + count) of the sampling loop, as one loop inside one executable.
+def denoise(params, kv, x, sstate, cache, cond, mask, arrays, timesteps, rope, plan, guidance, start, count, *,
+            st: LoopSpec, grid):
+    """Steps [start, start + count) of the sampling loop with one transformer (``params``, its K/V ``kv``
+    and classifier-free ``guidance``), as one loop inside one executable.
 
     The step count is a traced value and the schedule tables are padded to MAX_STEPS, so the same
-    executable serves every number of steps, every guidance and every boundary: a generation is one
-    call (count = all steps), or one call per step when a progress bar wants per-step updates, and a
-    2-step warmup compiles what a 50-step run needs. Wan 2.2's two experts: ``lax.cond`` per step.
+    executable serves every number of steps, every guidance and every expert boundary: a generation is
+    one call per expert (count = its steps), or one call per step when a progress bar wants per-step
+    updates, and a 2-step warmup compiles what a 50-step run needs.
     With step caching, ``plan`` (bool [MAX_STEPS, 3], made on the host by the policy) is read per step
     and ``cache`` is carried (see model_eval).
     """
     def body(j, carry):
         x, sstate, cache = carry
         i = start + j
-        t = timesteps[i]
-
-        def run(k):
-            def f(cache):
-                v, cache = model_eval(experts[k], tcfgs[k], kvs[k], x, t, cond, mask, rope, grid, st,
-                                      None if plan is None else plan[i], cache)
-                if st.cfg:
-                    v = v[1:] + guidance[k] * (v[:1] - v[1:])
-                return v, cache
-            return f
-
-        if st.n_experts == 1:
-            v, cache = run(0)(cache)
-        else:
-            v, cache = jax.lax.cond(i < boundary, run(0), run(1), cache)
+        v, cache = model_eval(params, st.tcfg, kv, x, timesteps[i], cond, mask, rope, grid, st,
+                              None if plan is None else plan[i], cache)
+        if st.cfg:
+            v = v[1:] + guidance * (v[:1] - v[1:])
         x, sstate = schedulers.step(arrays, sstate, i, v, x, dtype=st.sched_dtype)
         if cache is not None:
             cache = {**cache, "ratios": cache["ratios"].at[i].set(cache["ratio"])}

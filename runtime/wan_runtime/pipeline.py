@@ -6,8 +6,10 @@
 composes the stages; the result is a ``Generation`` (frames, latents, timings, block runs, warnings).
 Families differ by their ``families.Family`` entry (experts, how an image conditions the model, CLIP
 tokens), never by copied pipeline code. The per-generation work outside the loop is done once: text
-embeddings (positive and negative in one batch), the text embedder and every block's cross-attention K/V,
-RoPE tables; the loop itself is one executable (denoise.py) for every step count, guidance and boundary.
+embeddings (positive and negative in one batch), the text embedder and every block's cross-attention K/V
+(per expert, at the start of its phase), RoPE tables; the loop itself is one executable (denoise.py) for
+every step count, guidance, boundary and expert. The offload mode (residency.py) decides which weights
+leave the device between their uses: the encoders after the conditioning, the inactive Wan 2.2 expert.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import caching, families, schedulers
+from . import caching, families, residency, schedulers
 from . import checkpoint as ckpt_lib
 from . import denoise as loop
 from . import distributed as dist
@@ -197,14 +199,17 @@ class WanPipeline:
     per generation), ``vae_chunk`` (latent frames per VAE decode scan step), ``vae_precision`` (float32
     VAE convs: "highest", or "default": TF32 on GPUs; None: "default" on GPU, else "highest"),
     ``steps_per_call`` (None: the whole loop in one executable call; 1: a call per step), ``preset``
-    (defaults for every generation).
+    (defaults for every generation), ``offload`` (which weights leave the device between their uses:
+    "none", "encoders", "experts", "all", or "auto": what fits; residency.py).
     Per generation: the arguments of ``__call__``."""
 
     def __init__(self, ckpt: ckpt_lib.Checkpoint, params: dict, mesh, dtypes: Dtypes, *, load_seconds: float = 0.0,
                  executables: ExecutableCache | None = None, context_attention: str = "auto", kv_cache: bool = True,
                  vae_chunk: int = 1, steps_per_call: int | None = None, preset: str | None = None,
-                 vae_precision: str | None = None):
-        self.ckpt, self.params, self.mesh, self.dtypes = ckpt, params, mesh, dtypes
+                 vae_precision: str | None = None, offload: str = "auto"):
+        self.ckpt, self.mesh, self.dtypes = ckpt, mesh, dtypes
+        #: the components' weights, on the device or (offloaded between their uses) in host memory
+        self.params = params if isinstance(params, residency.Weights) else residency.Weights(params)
         self.family = families.get(ckpt.family)
         self.executables = executables or ExecutableCache(None)
         #: activation shardings on the mesh; context_attention: "auto", "allgather", "ulysses" or "ring"
@@ -214,16 +219,23 @@ class WanPipeline:
         self.vae_precision = vae_precision or vae_lib.default_precision()
         if self.vae_precision not in vae_lib.PRECISIONS:
             raise InputError(f"--vae-precision: {vae_precision!r} is not one of {', '.join(vae_lib.PRECISIONS)}")
-        self.experts = [c for c in self.family.expert_names if c in params]
+        self.experts = [c for c in self.family.expert_names if c in self.params]
+        try:
+            self.offload = residency.resolve(offload, self.params.trees())
+        except residency.OffloadError as e:
+            raise InputError(str(e)) from None
+        self.moved = residency.offloaded(self.offload, self.params)
+        self._release(*self.experts[1:])  # a second expert waits in host memory until its phase
         self.tcfgs = tuple(tr.WanTransformerConfig.from_config(ckpt.config(c)) for c in self.experts)
         self.ucfg = umt5.UMT5Config.from_config(ckpt.config("text_encoder"))
         self.vae_config = ckpt.config("vae")
         self.vcfg = vae_lib.VAEConfig.from_config(self.vae_config)
         self.tokenizer = Tokenizer.from_file(ckpt.root / "tokenizer" / "tokenizer.json")
         self._compiled: dict = {}
+        self.planner = None  # plan.Recorder: compile and record every stage, run none (``wan-run --plan``)
 
     @classmethod
-    def from_converted(cls, path, *, mesh: str | Mapping[str, int] | None = None, dtype: str | Dtypes = "bfloat16",
+    def from_converted(cls, path, *, mesh: str | Mapping[str, int] | None = None, dtype: str | Dtypes | None = None,
                        parallel_restore: bool = True, compilation_cache: str | None = None,
                        executable_cache: bool | None = None, **options) -> "WanPipeline":
         """Restore a converted checkpoint (components in parallel threads) onto ``mesh`` (a process's
@@ -247,10 +259,11 @@ class WanPipeline:
 
     def replace(self, **options) -> "WanPipeline":
         """The same restored weights (no copy) with other per-pipeline settings (kv_cache, vae_chunk,
-        steps_per_call, preset, context_attention); compiled stages are shared."""
+        steps_per_call, preset, context_attention, vae_precision, offload); compiled stages are shared."""
         kw = dict(load_seconds=self.load_seconds, executables=self.executables, kv_cache=self.kv_cache,
                   vae_chunk=self.vae_chunk, steps_per_call=self.steps_per_call, preset=self.preset,
-                  context_attention=self.layout.context_attention, vae_precision=self.vae_precision)
+                  context_attention=self.layout.context_attention, vae_precision=self.vae_precision,
+                  offload=self.offload)
         other = WanPipeline(self.ckpt, self.params, self.mesh, self.dtypes, **{**kw, **options})
         other._compiled = self._compiled
         return other
@@ -305,10 +318,10 @@ class WanPipeline:
             text = self.encode_prompt(prompt, config.negative_prompt, do_cfg, config.max_sequence_length, timings)
             img = self.prepare_image_condition(image, config, shape, timings) if image is not None else \
                 ImageCondition()
-            kvs = self.cross_attention(text.embeddings, img.clip_tokens, timings)
-            stage.wait(kvs)
+            stage.wait((text.embeddings, img.cond, img.clip_tokens))
+            self._release(*residency.ENCODERS)
         with _Stage(timings, "denoise") as stage:
-            den = self.denoise(x0, kvs, img, config, do_cfg, timings, progress)
+            den = self.denoise(x0, text.embeddings, img, config, do_cfg, timings, progress)
             stage.wait(den.latents)
         with _Stage(timings, "decode") as stage:
             frames = self.decode(den.latents, output_type, timings)
@@ -335,14 +348,19 @@ class WanPipeline:
                            self.params["text_encoder"], ids, tmask)
         return TextCondition(fn(self.params["text_encoder"], ids, tmask), counts, tuple(truncated))
 
-    def cross_attention(self, text_emb, clip_tokens, timings: "Timings") -> tuple:
-        """Per expert, every block's cross-attention K/V (with kv_cache off: the context they come from)."""
-        experts = tuple(self.params[c] for c in self.experts)
+    def cross_attention(self, k: int, text_emb, clip_tokens, timings: "Timings"):
+        """Expert ``k``'s cross-attention K/V of every block (with kv_cache off: the context they come from)."""
+        expert = (self.params[self.experts[k]],)
         dt = jnp.dtype(self.dtypes.transformer)
-        key = ("conditions", text_emb.shape, None if clip_tokens is None else clip_tokens.shape, self.kv_cache, dt.name)
-        fn = self._compile(timings, key, functools.partial(_conditions, tcfgs=self.tcfgs, dtype=dt,
-                                                           kv_cache=self.kv_cache), experts, text_emb, clip_tokens)
-        return fn(experts, text_emb, clip_tokens)
+        key = ("conditions", self.tcfgs[k], text_emb.shape, None if clip_tokens is None else clip_tokens.shape,
+               self.kv_cache, dt.name)
+        fn = self._compile(timings, key, functools.partial(_conditions, tcfgs=self.tcfgs[k:k + 1], dtype=dt,
+                                                           kv_cache=self.kv_cache), expert, text_emb, clip_tokens)
+        return fn(expert, text_emb, clip_tokens)[0]
+
+    def _release(self, *components: str) -> None:
+        """Free the device copies of those of ``components`` this pipeline's offload mode moves."""
+        self.params.release(*(c for c in components if c in self.moved))
 
     def prepare_image_condition(self, image, config: RunConfig, shape, timings: "Timings") -> ImageCondition:
         """Image -> how it enters the loop, as diffusers' WanImageToVideoPipeline: I2V ("concat"): VAE
@@ -386,9 +404,10 @@ class WanPipeline:
                            lambda p, x: clip.encode_image(p, ccfg, x, dtype=cdt), self.params["image_encoder"], pixels)
         return fn(self.params["image_encoder"], pixels)
 
-    def denoise(self, latents, kvs, img: ImageCondition, config: RunConfig, do_cfg: bool, timings: "Timings",
+    def denoise(self, latents, text_emb, img: ImageCondition, config: RunConfig, do_cfg: bool, timings: "Timings",
                 progress: Callable[[int], None] | None = None) -> Denoised:
-        """The sampling loop (denoise.py), one executable call for all steps (or one per step)."""
+        """The sampling loop (denoise.py), per expert phase (Wan 2.2 A14B: the high-noise expert's steps
+        before the boundary, then the low-noise expert's): see ``_phase``."""
         steps, tcfg = config.steps, self.tcfgs[0]
         sched = schedulers.make_schedule(config.scheduler, steps, config.flow_shift)
         arrays, timesteps = loop.pad_schedule(sched.arrays, sched.timesteps)
@@ -397,27 +416,20 @@ class WanPipeline:
         grid = tuple(n // p for n, p in zip(latents.shape[2:], tcfg.patch_size))
         plan = config.cache.plan(steps, boundary_index=boundary if two else None, do_cfg=do_cfg)
         n_image = int(img.clip_tokens.shape[1]) if img.clip_tokens is not None and tcfg.image_dim else 0
-        st = loop.LoopSpec(tcfg, len(self.experts), do_cfg, jnp.dtype(self.dtypes.transformer),
-                           jnp.dtype(self.dtypes.scheduler), img.mode, self.kv_cache, n_image,
-                           None if plan is None else config.cache.traced(), self.layout)
+        st = loop.LoopSpec(tcfg, do_cfg, jnp.dtype(self.dtypes.transformer), jnp.dtype(self.dtypes.scheduler),
+                           img.mode, self.kv_cache, n_image, None if plan is None else config.cache.traced(),
+                           self.layout)
         state = None if plan is None else loop.cache_state(
             config.cache, 2 if do_cfg else 1, grid[0] * grid[1] * grid[2], tcfg.dim, latents.shape, st.dtype,
             per_token=img.mode == "expand")
-        guidance = jnp.asarray([config.guidance, config.guidance_low], jnp.float32)
-        consts = (tuple(self.params[c] for c in self.experts), kvs)
         carry = (latents, schedulers.init_state(sched.arrays, latents, st.sched_dtype), state)
-        rest = (img.cond, img.mask, arrays, jnp.asarray(timesteps), guidance, jnp.int32(boundary),
-                tr.rope_tables(tcfg, grid), None if plan is None else loop.pad_plan(plan, steps))
-        fn = functools.partial(loop.denoise, st=st, tcfgs=self.tcfgs, grid=grid)
-        kv_shapes = tuple(a.shape for a in jax.tree.leaves(kvs))  # the text length (max_sequence_length) among them
-        run = self._compile(timings, ("denoise", st, grid, latents.shape, config.scheduler, kv_shapes), fn, *consts, *carry,
-                            *rest, jnp.int32(0), jnp.int32(1))
-        per_call = 1 if (progress is not None or self.steps_per_call == 1) else (self.steps_per_call or steps)
-        for start in range(0, steps, per_call):
-            carry = run(*consts, *carry, *rest, jnp.int32(start), jnp.int32(min(per_call, steps - start)))
-            if progress is not None:
-                jax.block_until_ready(carry)
-                progress(min(start + per_call, steps) - 1)
+        rest = (img.cond, img.mask, arrays, jnp.asarray(timesteps), tr.rope_tables(tcfg, grid),
+                None if plan is None else loop.pad_plan(plan, steps))
+        for k, (lo, hi) in enumerate(((0, boundary), (boundary, steps))):
+            if lo < hi:
+                guidance = config.guidance if k == 0 else config.guidance_low
+                carry = self._phase(k, range(lo, hi), carry, rest, text_emb, img, guidance,
+                                    dataclasses.replace(st, tcfg=self.tcfgs[k]), config.scheduler, timings, progress)
         fin = self._compile(timings, ("finish", st, latents.shape), functools.partial(loop.finish, st=st),
                             carry[0], img.cond, img.mask)
         warn = config.cache.warning(steps, config.flow_shift, config.boundary if two else None)
@@ -425,6 +437,27 @@ class WanPipeline:
             return Denoised(fin(carry[0], img.cond, img.mask), None, None, ())
         return Denoised(fin(carry[0], img.cond, img.mask), dist.to_host(carry[2]["ran"]),
                         dist.to_host(carry[2]["ratios"])[:steps], (warn,) if warn else ())
+
+    def _phase(self, k: int, steps: range, carry, rest, text_emb, img: ImageCondition, guidance: float,
+               st: loop.LoopSpec, scheduler: str, timings: "Timings", progress) -> tuple:
+        """Steps ``steps`` with expert ``k``: the other expert leaves the device first (if offloaded), this
+        one's cross-attention K/V is computed once, then the steps run in one executable call (or one per
+        step); the K/V is freed at the end. Both experts' phases share one executable."""
+        self._release(*(c for i, c in enumerate(self.experts) if i != k))
+        params, kv = self.params[self.experts[k]], self.cross_attention(k, text_emb, img.clip_tokens, timings)
+        latents, grid = carry[0], tuple(n // p for n, p in zip(carry[0].shape[2:], st.tcfg.patch_size))
+        kv_shapes = tuple(a.shape for a in jax.tree.leaves(kv))  # the text length (max_sequence_length) among them
+        g = jnp.float32(guidance)
+        run = self._compile(timings, ("denoise", st, grid, latents.shape, scheduler, kv_shapes),
+                            functools.partial(loop.denoise, st=st, grid=grid), params, kv, *carry, *rest, g,
+                            jnp.int32(0), jnp.int32(1))
+        per_call = 1 if (progress is not None or self.steps_per_call == 1) else (self.steps_per_call or len(steps))
+        for start in steps[::per_call]:
+            carry = run(params, kv, *carry, *rest, g, jnp.int32(start), jnp.int32(min(per_call, steps.stop - start)))
+            if progress is not None:
+                jax.block_until_ready(carry)
+                progress(min(start + per_call, steps.stop) - 1)
+        return carry
 
     def decode(self, latents, output_type: str, timings: "Timings") -> np.ndarray:
         """VAE decode on the device (frames clamped, and cast to uint8 there for "uint8"), then to the host."""
@@ -446,9 +479,9 @@ class WanPipeline:
 
     def warmup(self, height: int, width: int, num_frames: int, *, image=None, output_type: str = "uint8",
                max_sequence_length: int = 512) -> float:
-        """Compile every executable a generation of this size needs, with a 2-step run (guidance > 1, both
-        Wan 2.2 experts: the expert ``lax.cond`` holds both branches). Later runs of any step count and
-        guidance compile nothing. Returns the seconds spent."""
+        """Compile every executable a generation of this size needs, with a 2-step run (guidance > 1; both
+        Wan 2.2 experts run the same executable). Later runs of any step count and guidance compile
+        nothing. Returns the seconds spent."""
         t0 = time.perf_counter()
         self("warmup", "", height=height, width=width, num_frames=num_frames, num_inference_steps=2,
              guidance_scale=2.0, guidance_scale_2=2.0, image=image, output_type=output_type,
@@ -468,6 +501,9 @@ class WanPipeline:
             self._compiled[key] = self.executables.get_or_compile(key, context, fn, *args)
             timings.compile += time.perf_counter() - t0
         compiled = self._compiled[key]
+        if self.planner is not None:
+            self.planner.record(key, compiled, args, self.params)
+            return self.planner.zeros(compiled)
         return (lambda *a: compiled(*self._global(a))) if multi else compiled
 
     def _global(self, tree):
