@@ -60,10 +60,17 @@ PARITY = [
      "needs 96 GiB)", "the test requires < 4 GiB", ["optimization/attention_memory/*"], "GiB"),
     ("VAE decode working memory (XLA memory analysis), 41 vs 21 latent frames", "flat",
      ["optimization/vae_chunk/*/decode_memory/*"], "relative growth"),
+    ("1.3B-shaped denoise step, 480p x 81 frames, float32, CFG batch of 2, 512-token K/V cache: temporaries "
+     "(XLA memory analysis, compile only)", "the test requires < 16 GiB", ["optimization/step_memory/*"], "GiB"),
+    ("`wan-run --plan`, Wan2.2-T2V-A14B widths (2 layers per expert) at 720p x 81 frames, float32: the denoise "
+     "stage's working memory", "a hand-built step of the same shapes (within 15%)", ["plan/*"], "GiB"),
+    ("`--offload` encoders, experts, all: device bytes freed during each denoise step (`jax.live_arrays()`), "
+     "output bitwise equal", "the offloaded weights' bytes, exactly", ["optimization/offload_*"], "bytes"),
 ]
 #: (what, key patterns): bf16 against float32, PSNR of uint8 frames
-BF16 = [("default bf16 checkpoint + compute vs float32, uint8 frames, every family", ["bf16/wan*psnr_db"]),
-        ("default dtypes vs float32 (`test_optimizations`)", ["optimization/dtypes/default*"])]
+BF16 = [("bf16 checkpoint + compute (`dtype=\"bfloat16\"`, the GPU/TPU default) vs float32, uint8 frames, every "
+         "family", ["bf16/wan*psnr_db"]),
+        ("bf16 dtypes (`Dtypes()`) vs float32 (`test_optimizations`)", ["optimization/dtypes/default*"])]
 
 
 def _matching(measured: dict, patterns) -> list[tuple[str, float]]:
