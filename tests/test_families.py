@@ -61,8 +61,9 @@ def _two_experts(family):
     return family.endswith("a14b")
 
 
-def _diffusers_run(repo, family, latents, height, width, image):
-    """diffusers' final latents (output_type="latent") and those latents decoded as its pipeline does."""
+def _diffusers_run(repo, family, latents, height, width, image, prepare=None):
+    """diffusers' final latents (output_type="latent") and those latents decoded as its pipeline does.
+    ``prepare(pipe)``: called on diffusers' pipeline before the run (e.g. to load LoRAs)."""
     torch = pytest.importorskip("torch")
     from diffusers import WanImageToVideoPipeline, WanPipeline as DWan
 
@@ -72,6 +73,8 @@ def _diffusers_run(repo, family, latents, height, width, image):
                                                                    "transformer", "transformer_2")}
         pipe = WanImageToVideoPipeline(**comps, expand_timesteps=True)
     pipe.set_progress_bar_config(disable=True)
+    if prepare is not None:
+        prepare(pipe)
     kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=height, width=width, num_frames=FRAMES,
               num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=torch.from_numpy(latents.copy()),
               output_type="latent", max_sequence_length=512)
@@ -122,7 +125,8 @@ def reference(tiny_repos, pipes):
 
 
 def _ours(pipe, case, latents, image, negative=NEGATIVE, **kw):
-    family, height, width, _ = CASES[case]
+    """Our final latents and frames for ``case`` (a CASES key, or its (family, height, width, image?) tuple)."""
+    family, height, width, _ = CASES[case] if isinstance(case, str) else case
     if _two_experts(family):
         kw.setdefault("guidance_scale_2", GUIDANCE_2)
     kw.setdefault("guidance_scale", GUIDANCE)

@@ -63,9 +63,15 @@ OPTIONS = [
     _opt(_G, "--guidance", type=float, default=None, help="guidance scale (1.0 or less: no unconditional pass)"),
     _opt(_G, "--guidance-2", type=float, default=None, help="guidance of the low-noise expert (Wan 2.2 A14B)"),
     _opt(_G, "--flow-shift", type=float, default=None, help="default: the checkpoint's scheduler config"),
-    _opt(_G, "--scheduler", type=click.Choice(["unipc", "euler"]), default=None),
+    _opt(_G, "--scheduler", type=click.Choice(["unipc", "euler", "euler-linear"]), default=None),
     _opt(_G, "--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
          help="0 .. 2**32-1 (the PRNG key takes 32 bits: larger seeds would repeat smaller ones)"),
+    _opt(_G, "--lora", multiple=True, metavar="FILE[:STRENGTH]",
+         help="a LoRA for the transformer (diffusers/PEFT, original Wan/ComfyUI or kohya keys), repeatable, "
+              "applied in order; strength default 1"),
+    _opt(_G, "--lora-2", multiple=True, metavar="FILE[:STRENGTH]",
+         help="a LoRA for Wan 2.2 A14B's low-noise expert (transformer_2), repeatable"),
+    _opt(_G, "--lora-ignore-unknown", is_flag=True, help="skip LoRA keys that name no Wan module (with a warning)"),
     _opt(_I, "--image", type=click.Path(), default=None, help="first frame for image-to-video (I2V, TI2V)"),
     _opt(_I, "--latents", type=click.Path(), default=None,
          help="initial latents .npy, (C, F', H', W') or (1, C, F', H', W')"),
@@ -152,12 +158,13 @@ def _is_user_error(e: BaseException) -> bool:
     from .checkpoint import CheckpointError
     from .distributed import DistributedError
     from .format import FormatError
+    from .lora import LoraError
     from .presets import PresetError
     from .runconfig import InputError
     from .sharding import MeshError
 
     return isinstance(e, (UsageError, CheckpointError, FormatError, InputError, PresetError, MeshError, DistributedError,
-                          OSError))
+                          LoraError, OSError))
 
 
 def run(flags: dict) -> None:
@@ -177,6 +184,7 @@ def run(flags: dict) -> None:
     if init is not None:
         config.check_latents(ckpt, init.shape)
     _warn_truncation(ckpt, flags["prompt"], config)
+    loras = _loras(ckpt, flags)
     for note in config.notes():
         click.echo(f"wan-run: note: {note}", err=True)
     distributed.initialize(flags["coordinator"], flags["num_processes"], flags["process_id"],
@@ -186,6 +194,7 @@ def run(flags: dict) -> None:
         executable_cache=flags["executable_cache"] or None, context_attention=flags["context_attention"],
         kv_cache=flags["kv_cache"], vae_chunk=flags["vae_chunk"], vae_precision=flags["vae_precision"],
         preset=config.preset, offload=flags["offload"])
+    pipe.set_loras(*loras)
     bar = _progress_bar(config.steps, flags["quiet"])
     gen = pipe.generate(flags["prompt"], config, image=image, latents=init,
                         output_type="np" if out.suffix == ".npy" else "uint8",
@@ -224,6 +233,30 @@ def print_plan(flags: dict) -> None:
     click.echo(f"{ckpt.root.name}: {config.height}x{config.width}, {config.frames} frames, "
                f"mesh {config.mesh or '1 device'}")
     click.echo(result.render())
+
+
+def _loras(ckpt, flags: dict) -> tuple[tuple, tuple]:
+    """The --lora / --lora-2 files read and checked against the checkpoint's transformer shapes (before any
+    weights load); skipped unknown keys are one warning line each file."""
+    from . import lora as lora_lib
+    from .families import get
+    from .format import flatten
+
+    experts = [c for c in get(ckpt.family).expert_names if c in ckpt.components]
+    if flags["lora_2"] and len(experts) < 2:
+        raise UsageError("--lora-2: this checkpoint has one transformer (--lora-2 is for Wan 2.2 A14B)")
+    out = []
+    for flag, component in (("--lora", experts[0]), ("--lora-2", experts[-1])):
+        specs = flags[flag[2:].replace("-", "_")]
+        read = [lora_lib.read(*lora_lib.parse_spec(s, flag), ignore_unknown=flags["lora_ignore_unknown"])
+                for s in specs]
+        lora_lib.check(read, flatten(ckpt.abstract_tree(component)), component)
+        for lo in read:
+            if lo.skipped:
+                click.echo(f"wan-run: warning: {lo.file}: skipped {len(lo.skipped)} unknown keys: "
+                           f"{', '.join(lo.skipped[:5])}{' ...' if len(lo.skipped) > 5 else ''}", err=True)
+        out.append(tuple(read))
+    return out[0], out[1]
 
 
 def _output(output: str) -> pathlib.Path:
@@ -318,7 +351,9 @@ def _write(out: pathlib.Path, gen, flags: dict, ckpt, pipe) -> None:
                   "source": ckpt.manifest.get("source", {}).get("id")},
         "preset": gen.config.preset,
         "settings": gen.config.record() | {
-            "dtypes": dataclasses.asdict(pipe.dtypes), "offload": pipe.offload, "kv_cache": pipe.kv_cache, "vae_chunk": pipe.vae_chunk,
+            "dtypes": dataclasses.asdict(pipe.dtypes), "offload": pipe.offload,
+            "loras": {c: [lo.record() for lo in los] for c, los in pipe.loras.items() if los},
+            "kv_cache": pipe.kv_cache, "vae_chunk": pipe.vae_chunk,
             "vae_precision": pipe.vae_precision,
             "block_runs": None if gen.block_runs is None else gen.block_runs.tolist(),
             "latents": flags["latents"], "image": flags["image"]},

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import caching, families, residency, schedulers
+from . import lora as lora_lib
 from . import checkpoint as ckpt_lib
 from . import denoise as loop
 from . import distributed as dist
@@ -256,6 +257,34 @@ class WanPipeline:
             executable_cache = os.environ.get("WAN_JAX_EXECUTABLE_CACHE", "0") == "1"
         exe = ExecutableCache(cache_dir / "executables" if cache_dir and executable_cache else None)
         return cls(ck, params, jmesh, dtypes, load_seconds=time.perf_counter() - t0, executables=exe, **options)
+
+    def set_loras(self, loras=(), loras_2=()) -> None:
+        """Apply LoRAs to the transformer (``loras``) and to Wan 2.2's low-noise expert (``loras_2``): each a
+        ``lora.Lora`` or a "FILE[:STRENGTH]" string, in order; they replace any applied before (none:
+        back to the plain weights). The weights without LoRAs are kept in host memory from the first call;
+        each call recomputes the touched leaves from them on the device (``lora.apply``: one program per
+        set of LoRA shapes, strengths traced), so another strength or LoRA compiles nothing, here or in
+        the denoise loop (the weights are its arguments). Shared by ``replace``d pipelines."""
+        if loras_2 and len(self.experts) < 2:
+            raise InputError("--lora-2: this checkpoint has one transformer (--lora-2 is for Wan 2.2 A14B's "
+                             "low-noise expert)")
+        for c, given in zip(self.experts, (loras, loras_2)):
+            given = tuple(lora_lib.read(*lora_lib.parse_spec(x)) if isinstance(x, str) else x for x in given)
+            if not given and c not in self.params.unmerged:
+                continue
+            if c not in self.params.unmerged:
+                kind = residency.host_kind(residency.local_device(jax.tree.leaves(self.params[c])[0]))
+                self.params.unmerged[c] = jax.tree.map(
+                    lambda a: jax.device_put(a, a.sharding.with_memory_kind(kind)), self.params[c])
+            base = jax.tree.map(lambda a: jax.device_put(a, a.sharding.with_memory_kind(
+                residency.local_device(a).default_memory().kind)), self.params.unmerged[c])
+            self.params[c] = lora_lib.apply(base, given) if given else base
+            self.params.loras[c] = given
+
+    @property
+    def loras(self) -> dict[str, tuple]:
+        """Per transformer: the LoRAs applied (``set_loras``)."""
+        return dict(self.params.loras)
 
     def replace(self, **options) -> "WanPipeline":
         """The same restored weights (no copy) with other per-pipeline settings (kv_cache, vae_chunk,

@@ -91,7 +91,7 @@ def resolve(mode: str, params: Mapping[str, Any]) -> str:
     leaf = next(iter(jax.tree.leaves(dict(params))), None)
     if leaf is None:
         return "none"
-    device = _local_device(leaf)
+    device = local_device(leaf)
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     sizes = {c: device_bytes(t) for c, t in params.items()}
     return choose(sizes, (stats or {}).get("bytes_limit"), device.platform)
@@ -107,6 +107,8 @@ class Weights:
         self._device = dict(params)
         self._host: dict[str, Any] = {}
         self.moves = 0  # host <-> device copies so far (tests, timings)
+        self.unmerged: dict[str, Any] = {}  # per component with LoRAs applied: its weights without them (host)
+        self.loras: dict[str, tuple] = {}  # per component: the LoRAs applied (``lora.Lora``)
 
     def __contains__(self, c) -> bool:
         return c in self._device or c in self._host
@@ -153,7 +155,7 @@ class Weights:
                 continue
             if c not in self._host:
                 def away(a):
-                    kind = host_kind(_local_device(a))
+                    kind = host_kind(local_device(a))
                     if kind is None:
                         raise OffloadError("--offload: this backend has no host memory kind; use --offload none")
                     return jax.device_put(a, a.sharding.with_memory_kind(kind))
@@ -164,10 +166,10 @@ class Weights:
 
 
 def _device_kind(a) -> str:
-    return _local_device(a).default_memory().kind
+    return local_device(a).default_memory().kind
 
 
-def _local_device(a):
+def local_device(a):
     """One of this process's devices holding ``a`` (several processes: the others' are not addressable)."""
     return min(a.sharding.addressable_devices, key=lambda d: d.id)
 

@@ -26,7 +26,7 @@ DEFAULT_NEGATIVE = (
     "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
     "background, three legs, many people in the background, walking backwards"
 )
-SCHEDULERS = ("unipc", "euler")
+SCHEDULERS = ("unipc", "euler", "euler-linear")
 #: sampler settings a checkpoint carries itself (the preset overrides them only with a note)
 FROM_CHECKPOINT = ("flow_shift", "boundary")
 

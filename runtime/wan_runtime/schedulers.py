@@ -5,6 +5,8 @@ Two schedulers, numerically matching diffusers as the Wan pipelines configure th
 * ``"unipc"``: `UniPCMultistepScheduler` with flow_prediction, use_flow_sigmas, solver_order=2,
   solver_type="bh2", predict_x0, lower_order_final, final_sigmas_type="zero".
 * ``"euler"``: `FlowMatchEulerDiscreteScheduler(shift=s)`.
+* ``"euler-linear"``: Euler on ``linspace(1, 0, N + 1)`` shifted (``s * t / (1 + (s - 1) * t)``): the sampler
+  the step-distilled Wan LoRAs were trained for (lightx2v's 4-step ``[1000, 750, 500, 250]``, Wan2.2-Lightning).
 
 Everything that depends only on the sigma schedule (timesteps, solver orders, UniPC B(h)
 coefficients) is built once on the host with numpy by `make_schedule`.  `step` then only indexes
@@ -49,7 +51,7 @@ class EulerConfig:
     num_train_timesteps: int = 1000
 
 
-CONFIGS = {"unipc": UniPCConfig, "euler": EulerConfig}
+CONFIGS = {"unipc": UniPCConfig, "euler": EulerConfig, "euler-linear": EulerConfig}
 
 
 # ----------------------------------------------------------------------------- tables / state
@@ -112,6 +114,8 @@ def make_schedule(kind: str, num_steps: int, shift: float, **config_kwargs) -> S
     config = CONFIGS[kind](shift=shift, **config_kwargs)
     if kind == "euler":
         return _make_euler(config, num_steps)
+    if kind == "euler-linear":
+        return _make_euler_linear(config, num_steps)
     return _make_unipc(config, num_steps)
 
 
@@ -130,6 +134,13 @@ def _make_euler(cfg: EulerConfig, n: int) -> Schedule:
     s = (cfg.shift * s / (1 + (cfg.shift - 1) * s)).astype(f32)
     sigmas = np.concatenate([s, np.zeros(1, f32)])
     return Schedule(cfg, s * f32(train), sigmas, EulerArrays(dt=sigmas[1:] - sigmas[:-1]))
+
+
+def _make_euler_linear(cfg: EulerConfig, n: int) -> Schedule:
+    t = np.linspace(1.0, 0.0, n + 1)[:-1]
+    s = (cfg.shift * t / (1 + (cfg.shift - 1) * t)).astype(np.float32)
+    sigmas = np.concatenate([s, np.zeros(1, np.float32)])
+    return Schedule(cfg, s * np.float32(cfg.num_train_timesteps), sigmas, EulerArrays(dt=sigmas[1:] - sigmas[:-1]))
 
 
 def _make_unipc(cfg: UniPCConfig, n: int) -> Schedule:
