@@ -54,7 +54,7 @@ class _PlusInput(Transform):
     def inputs(self, name):
         return (name.replace(self.old, self.new),)
 
-    def apply(self, x, extra):
+    def apply(self, x, extra, name=""):
         (other,) = extra.values()
         return x.astype(np.float32) + other
 
@@ -62,7 +62,7 @@ class _PlusInput(Transform):
 class _Double(Transform):
     view = False
 
-    def apply(self, x, extra):
+    def apply(self, x, extra, name=""):
         return x.astype(np.float32) * 2
 
 
@@ -122,7 +122,7 @@ class _ToyLora(Transform):
     def inputs(self, name):
         return (f"{name}.lora_B", f"{name}.lora_A")
 
-    def apply(self, x, extra):
+    def apply(self, x, extra, name=""):
         b, a = extra.values()
         return x.astype(np.float32) + b @ a
 

@@ -6,7 +6,9 @@ views of the source mmap for today's Squeeze), and its last transform makes the 
 reused per-thread chunk buffer with the dtype cast fused in (``Target.store``: numpy casting,
 round-to-nearest-even for bfloat16, the same bits as torch's ``.to(torch.bfloat16)``); then the unit
 writes its chunks and drops the source pages it read. At most ``2 * threads`` units are in flight, so peak memory is
-bounded by a few units, not by the model.
+bounded by a few units, not by the model. A LoRA merge (``loras``: ``--lora`` / ``--lora-2``) makes each layer
+it touches one unit that computes that layer's float32 sum ``W + s * up @ down`` (a few layer-sized float32
+arrays per running thread: measured ~1.6 GB more at 4 threads on 14B-sized layers, about 0.4 GB per thread).
 
 Atomicity: everything is written into a hidden sibling of OUTPUT and renamed into place at the end; an
 existing OUTPUT is replaced only with ``force`` and only after the new checkpoint is complete.
@@ -26,26 +28,31 @@ import shutil
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from wan_runtime import families
 from wan_runtime import format as fmt
+from wan_runtime import lora as lora_lib
 from wan_runtime import sharding
 from wan_runtime.errors import one_line
 
 from . import __version__
 from .mapping import Target, Transforms, plan
-from .source import Component, Repo, SourceError, read_json, resolve
+from .source import SIDE_FOLDERS, Component, Repo, SourceError, SourceOptions, resolve
+from .transforms import with_loras
 
 try:  # hardware crc32c (SSE4.2 / ARMv8); without it TensorStore encodes the chunks
     from crc32c import crc32c as _crc32c
 except ImportError:  # pragma: no cover
     _crc32c = None
 
-COPIED_FOLDERS = ("tokenizer", "scheduler", "image_processor", "feature_extractor")
+COPIED_FOLDERS = SIDE_FOLDERS
 #: side files wan-run reads (beyond the components' config.json): a complete conversion needs them
 NEEDED_FILES = {"tokenizer/tokenizer.json": "text_encoder", "image_processor/preprocessor_config.json": "image_encoder"}
+#: the component each LoRA flag merges into
+LORA_FLAGS = {"transformer": "--lora", "transformer_2": "--lora-2"}
 
 
 class OutputError(ValueError):
@@ -79,10 +86,12 @@ class Summary:
     bytes_written: int
     seconds: float
     leaves: int
+    loras: int = 0  # LoRA files merged (all components)
 
     def line(self) -> str:
         gb = 1e9
-        return (f"converted {self.family}: {self.leaves} arrays, read {self.bytes_read / gb:.2f} GB, wrote "
+        merged = f", {self.loras} LoRA(s) merged" if self.loras else ""
+        return (f"converted {self.family}: {self.leaves} arrays{merged}, read {self.bytes_read / gb:.2f} GB, wrote "
                 f"{self.bytes_written / gb:.2f} GB in {self.seconds:.2f} s ({self.bytes_read / gb / max(self.seconds, 1e-9):.2f} "
                 f"GB/s of input) -> {self.output}")
 
@@ -379,14 +388,15 @@ def _fsync_dir(path: pathlib.Path) -> None:
 
 
 def _copy_side_files(repo: Repo, tmp: pathlib.Path, components: list[str]) -> None:
-    files = [pathlib.Path("model_index.json")] + [pathlib.Path(c) / "config.json" for c in components]
-    for name in COPIED_FOLDERS:
-        if (repo.root / name).is_dir():
-            files += sorted(p.relative_to(repo.root) for p in (repo.root / name).rglob("*") if p.is_file())
-    for rel in files:
+    """model_index.json, the components' config.json and the side folders (``Repo.side_files``: copied,
+    or written where a source that is not a diffusers repository derived them)."""
+    for rel, src in repo.side_files(components).items():
         with _writing(tmp / rel):
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo.root / rel, tmp / rel)
+            if isinstance(src, bytes):
+                (tmp / rel).write_bytes(src)
+            else:
+                shutil.copy2(src, tmp / rel)
 
 
 def _write_text(path: pathlib.Path, text: str) -> None:
@@ -404,31 +414,39 @@ def _component_tree(repo: Repo, component: str, config: dict, weights_dtype: str
 def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfloat16", mesh: str | None = None,
             force: bool = False, threads: int | None = None, progress: bool = False, revision: str | None = None,
             hash_source: bool = True, only: list[str] | None = None, fsync: bool = False,
-            transforms: Transforms | None = None) -> Summary:
-    """Convert SOURCE (local diffusers repo or hub id) into a checkpoint at OUTPUT. Returns a summary.
+            transforms: Transforms | None = None, loras: Mapping[str, Sequence] | None = None,
+            lora_ignore_unknown: bool = False, sources: SourceOptions | None = None) -> Summary:
+    """Convert SOURCE (local diffusers repo or hub id; a single-file transformer or an original Wan-AI folder,
+    with ``sources`` saying where it takes what it lacks: ``wan_convert.original``) into a checkpoint at
+    OUTPUT. Returns a summary.
 
     ``only`` restricts the conversion to some components (e.g. a fine-tuned transformer); the result is
     then a partial checkpoint, marked as such in the manifest. The checkpoint appears at OUTPUT by an
     atomic rename, so a crash or kill never leaves a partial one there; ``fsync`` also makes it durable
     against power loss before the rename (slower: the disk's write speed). Chunk checksums catch
     anything torn at restore either way. ``transforms`` edits each target's transforms (see
-    ``wan_convert.mapping.plan``); ``verify`` needs the same to compare with the source."""
+    ``wan_convert.mapping.plan``); ``verify`` needs the same to compare with the source. ``loras``
+    ({"transformer" / "transformer_2": ["FILE[:STRENGTH]" or ``lora.Lora``, ...]}) are merged into those
+    weights in order, in float32 before the cast (:func:`read_loras`); the manifest records them."""
     t0 = time.perf_counter()
     if weights_dtype not in fmt.WEIGHT_DTYPES:
         raise ValueError(f"--dtype: unsupported weights dtype {weights_dtype!r} ({', '.join(fmt.WEIGHT_DTYPES)})")
+    merged = read_loras(loras, lora_ignore_unknown)
     mesh_shape = sharding.parse_mesh(mesh)
     threads = threads or default_threads()
     output = pathlib.Path(output).expanduser().absolute()
-    repo = resolve(source, revision)
+    repo = resolve(source, revision, sources)
     _check_output(output, force)  # fail before any work
     if output.resolve().is_relative_to(repo.root):
         raise OutputError(f"{output}: inside SOURCE {repo.root}; write the checkpoint elsewhere")
     components = _components(repo, only)
-    opened = {c: Component(repo.root / c) for c in components}
+    opened = {c: repo.component(c) for c in components}
     try:
         family = _family(repo, opened)
         trees = {c: _component_tree(repo, c, comp.config, weights_dtype) for c, comp in opened.items()}
-        plans = {c: plan(c, comp.tensors, trees[c], transforms) for c, comp in opened.items()}
+        _check_loras(repo, merged, trees)
+        hook = with_loras(merged, transforms) if merged else transforms
+        plans = {c: plan(c, comp.tensors, trees[c], hook) for c, comp in opened.items()}
         hashes = _hash_in_background(repo) if hash_source else None
         tmp = _prepare_output(output, force)
         try:
@@ -439,6 +457,8 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
                 source={"id": repo.source_id, "revision": repo.revision, "files": hashes() if hashes else None},
                 mesh=sharding.format_mesh(mesh_shape), sharding_rules=sharding.DEFAULT_RULES, trees=trees,
                 partial=bool(only), model_index=repo.model_index)
+            if merged:
+                manifest["loras"] = {c: [lo.record() for lo in los] for c, los in merged.items()}
             _write_text(tmp / fmt.MANIFEST, json.dumps(manifest, indent=1) + "\n")
             _commit(tmp, output)
         except BaseException:
@@ -448,7 +468,35 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
         for comp in opened.values():
             comp.close()
     total_in = sum(t.in_bytes for p in plans.values() for t in p)
-    return Summary(output, family, total_in, written, time.perf_counter() - t0, sum(len(p) for p in plans.values()))
+    return Summary(output, family, total_in, written, time.perf_counter() - t0, sum(len(p) for p in plans.values()),
+                   sum(len(los) for los in merged.values()))
+
+
+def read_loras(loras: Mapping[str, Sequence] | None, ignore_unknown: bool = False) -> dict[str, tuple]:
+    """{component: ["FILE[:STRENGTH]" or ``lora.Lora``, ...]} -> {component: the LoRAs, read} (components
+    with none left out). A bad strength, a missing file or an unknown key is a LoraError naming the flag,
+    file or key (``ignore_unknown``: unknown keys are skipped and listed in each ``Lora.skipped``)."""
+    out = {}
+    for c, given in (loras or {}).items():
+        if c not in LORA_FLAGS:
+            raise lora_lib.LoraError(f"LoRAs merge into {' or '.join(LORA_FLAGS)}, not into {c}")
+        specs = [x if isinstance(x, lora_lib.Lora) else lora_lib.parse_spec(str(x), LORA_FLAGS[c]) for x in given]
+        read = tuple(x if isinstance(x, lora_lib.Lora) else lora_lib.read(*x, ignore_unknown=ignore_unknown)
+                     for x in specs)
+        if read:
+            out[c] = read
+    return out
+
+
+def _check_loras(repo: Repo, merged: Mapping[str, Sequence], trees: Mapping[str, dict]) -> None:
+    """Every LoRA names leaves of the component it merges into, with their shapes (before any output)."""
+    for c, los in merged.items():
+        if c not in trees:
+            why = (f"the {c} is not converted (--only)" if c in repo.components() else
+                   f"{repo.root} has one transformer (--lora-2 merges into transformer_2, the low-noise "
+                   "expert of Wan 2.2 A14B)" if c == "transformer_2" else f"{repo.root} has no {c}")
+            raise lora_lib.LoraError(f"{LORA_FLAGS[c]}: {why}")
+        lora_lib.check(los, fmt.flatten(trees[c]), c)
 
 
 def _components(repo: Repo, only: list[str] | None) -> list[str]:
@@ -459,21 +507,20 @@ def _components(repo: Repo, only: list[str] | None) -> list[str]:
         if unknown:
             raise SourceError(f"--only: {repo.root} has no component {unknown[0]} (it has {', '.join(components)})")
         return [c for c in components if c in only]
-    for needed in ("transformer", "vae", "text_encoder"):
+    for needed in repo.needs:
         if needed not in components:
-            raise SourceError(f"{repo.root}: model_index.json has no {needed}; not a complete Wan repository "
-                              "(use --only to convert single components)")
+            raise SourceError(repo.missing(needed))
+    side = repo.side_files(components)
     for rel, component in NEEDED_FILES.items():
-        if component in components and not (repo.root / rel).is_file():
-            raise SourceError(f"{repo.root / rel}: missing; wan-run needs it to use the {component}")
+        if component in components and rel not in side:
+            raise SourceError(f"{repo.missing(rel)} to use the {component}")
     return components
 
 
 def _family(repo: Repo, opened: dict[str, Component]) -> str:
     """The Wan family, from the configs (also of components ``--only`` leaves out)."""
     def config(c: str) -> dict | None:
-        path = repo.root / c / "config.json"
-        return opened[c].config if c in opened else read_json(path) if path.is_file() else None
+        return opened[c].config if c in opened else repo.config(c)
 
     try:
         return families.detect(repo.model_index, config("transformer") or {}, config("vae")).name

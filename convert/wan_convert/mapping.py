@@ -8,6 +8,10 @@ they are tied copies of one weight (UMT5's ``shared`` / ``encoder.embed_tokens``
 A rule that an earlier rule of its table shadows (it could never match) is an error when the table is
 built (:func:`rules`).
 
+Sources in another naming (original Wan-AI checkpoints, ComfyUI single files) reach these tables under
+diffusers' names: :mod:`wan_convert.original` renames their tensors with the ``ORIGINAL_*`` tables of
+``wan_runtime.names`` (the original spelling of each target's source), and messages name both spellings.
+
 Each target carries its transforms (:mod:`wan_convert.transforms`): today a :class:`Squeeze` where the
 source has size-one axes the leaf drops (``gamma`` (C,1,1,1) -> (C,), ``scale_shift_table`` (1,6,D) ->
 (6,D)) and the final :class:`Cast`; linear weights keep torch's (out, in) layout, so conversion is a
@@ -23,9 +27,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from wan_runtime import names
 from wan_runtime.format import WEIGHT_DTYPES, Leaf, flatten, np_dtype
 
-from .source import SourceError, TensorInfo
+from .source import SourceError, TensorInfo, label
 from .transforms import Cast, Squeeze, Transform
 
 #: source dtypes a weight may have (integer or bool tensors are never Wan weights: casting them would be silent garbage)
@@ -70,16 +75,7 @@ def rules(*pairs: tuple[str, str | None]) -> tuple[Rule, ...]:
     return tuple(table)
 
 
-TRANSFORMER = rules(
-    ("blocks.{L}.attn1.to_out.0.", "blocks.attn1.to_out."),
-    ("blocks.{L}.attn2.to_out.0.", "blocks.attn2.to_out."),
-    ("blocks.{L}.ffn.net.0.proj.", "blocks.ffn.fc_in."),
-    ("blocks.{L}.ffn.net.2.", "blocks.ffn.fc_out."),
-    ("blocks.{L}.", "blocks."),
-    ("condition_embedder.image_embedder.ff.net.0.proj.", "condition_embedder.image_embedder.ff.fc_in."),
-    ("condition_embedder.image_embedder.ff.net.2.", "condition_embedder.image_embedder.ff.fc_out."),
-    ("", ""),
-)
+TRANSFORMER = rules(*names.TRANSFORMER)  # diffusers' WanTransformer3DModel (the runtime's own table)
 
 TEXT_ENCODER = rules(  # transformers UMT5EncoderModel
     ("encoder.block.{L}.layer.0.SelfAttention.", "blocks.attn."),
@@ -148,7 +144,7 @@ class Target:
         name = self.sources[layer].name
         x = fetch(name)
         for t in self.transforms[:-1]:
-            x = t.apply(x, {n: fetch(n) for n in t.inputs(name)})
+            x = t.apply(x, {n: fetch(n) for n in t.inputs(name)}, name)
         return x
 
     def store(self, out: np.ndarray, x: np.ndarray, region=...) -> None:
@@ -181,7 +177,8 @@ def plan(component: str, tensors: Mapping[str, TensorInfo], tree: Mapping,
     consumed = _link(component, targets, tensors)
     for name in sorted(set(unplaced) - consumed):
         raise unplaced[name]
-    where = next(iter(tensors.values())).file.parent if tensors else component
+    files = {t.file for t in tensors.values()}
+    where = (files.pop() if len(files) == 1 else next(iter(files)).parent) if files else component
     for tgt in targets.values():
         missing = [i for i, s in enumerate(tgt.sources) if s is None]
         if missing:
@@ -194,30 +191,30 @@ def plan(component: str, tensors: Mapping[str, TensorInfo], tree: Mapping,
 def _place(component: str, info: TensorInfo, targets: dict[str, Target], claimed: set) -> SourceError | None:
     """Make ``info`` the source of its target's layer. A tensor with no place is returned as an error
     (plan raises it unless a transform reads the tensor); one that contradicts the tree raises here."""
-    name = info.name
+    name, shown = info.name, label(info)
     for rule in TABLES[component]:
         m = rule.pattern.match(name)
         if m:
             break
     else:
-        return SourceError(f"{info.file}: tensor {name} is not part of a Wan {component}")
+        return SourceError(f"{info.file}: tensor {shown} is not part of a Wan {component}")
     if rule.target is None:
         return None
     if info.dtype not in FLOAT_DTYPES:
-        raise SourceError(f"{info.file}: tensor {name} has dtype {info.dtype}; Wan weights are floating point")
+        raise SourceError(f"{info.file}: tensor {shown} has dtype {info.dtype}; Wan weights are floating point")
     path = rule.target + name[m.end():]
     tgt = targets.get(path)
     if tgt is None:
-        return SourceError(f"{info.file}: tensor {name} has no place in the {component} "
+        return SourceError(f"{info.file}: tensor {shown} has no place in the {component} "
                            f"(runtime path {path}); is config.json right for these weights?")
     layer = int(m.group("L")) if rule.stacked else 0
     if rule.stacked != tgt.stacked:
-        raise SourceError(f"{info.file}: tensor {name}: stacking mismatch with {path}")
+        raise SourceError(f"{info.file}: tensor {shown}: stacking mismatch with {path}")
     if layer >= len(tgt.sources):
-        raise SourceError(f"{info.file}: tensor {name}: block {layer} but config.json says "
+        raise SourceError(f"{info.file}: tensor {shown}: block {layer} but config.json says "
                           f"{len(tgt.sources)} layers")
     if _squeeze(info.shape) != _squeeze(tgt.layer_shape):
-        raise SourceError(f"{info.file}: tensor {name} has shape {list(info.shape)}, expected "
+        raise SourceError(f"{info.file}: tensor {shown} has shape {list(info.shape)}, expected "
                           f"{list(tgt.layer_shape)} from config.json")
     if (path, layer) not in claimed:  # else a tied copy (see module doc): the first source by name order wins
         claimed.add((path, layer))

@@ -1,11 +1,19 @@
-"""Reading a diffusers-format Wan repository: resolve it, index its safetensors, read tensors zero-copy
-(``wan_runtime.tensorfile``: numpy views of a read-only mmap, nothing goes through torch).
+"""Reading a source: resolve it, index its safetensors, read tensors zero-copy (``wan_runtime.tensorfile``:
+numpy views of a read-only mmap, nothing goes through torch).
+
+A source is a diffusers-format Wan repository (a folder or a Hugging Face repo id: :class:`Repo`), or a
+single-file transformer or an original Wan-AI folder (:mod:`wan_convert.original`, chosen by
+:func:`resolve`), which is read as a repository of the same shape: components whose tensors carry
+diffusers' names, their config.json files, and the side files (tokenizer, scheduler, ...) a checkpoint
+carries.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import pathlib
+import struct
 from typing import Mapping
 
 import numpy as np
@@ -20,8 +28,44 @@ class SourceError(ValueError):
     """A source repository or file that cannot be converted; the message names the file/tensor."""
 
 
+#: folders of side files a checkpoint carries from its source (besides model_index.json and the configs)
+SIDE_FOLDERS = ("tokenizer", "scheduler", "image_processor", "feature_extractor")
+
+
+@dataclasses.dataclass(frozen=True)
+class AliasInfo(TensorInfo):
+    """A source tensor under its diffusers name (``name``); ``original`` is its name in ``file``."""
+
+    original: str = ""
+
+
+def label(info: TensorInfo) -> str:
+    """A tensor's name for messages: its diffusers name, and its name in the file where that differs."""
+    original = getattr(info, "original", "")
+    return f"{original} (as {info.name})" if original and original != info.name else info.name
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceOptions:
+    """Where a single-file or original Wan-AI source takes what it lacks (wan-convert's source flags):
+    component files (``.safetensors`` or ``.pth``), a tokenizer folder, and ``components``, a diffusers
+    repository (folder or hub id) that supplies every component still missing and the configs."""
+
+    transformer_2: str | None = None
+    vae: str | None = None
+    text_encoder: str | None = None
+    image_encoder: str | None = None
+    tokenizer: str | None = None
+    components: str | None = None
+
+    def given(self) -> list[str]:
+        """The flags set, as ``--name``."""
+        return [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(self) if getattr(self, f.name)]
+
+
 def read_header(path: pathlib.Path) -> dict[str, TensorInfo]:
     """A validated safetensors header (``wan_runtime.tensorfile``); SourceError naming the file otherwise."""
+    refuse_fp8(path)
     return tensorfile.read_header(path, SourceError)
 
 
@@ -29,7 +73,29 @@ class TensorFile(tensorfile.TensorFile):
     """A read-only mmap of one safetensors file (``wan_runtime.tensorfile``); errors are SourceErrors."""
 
     def __init__(self, path: pathlib.Path):
+        refuse_fp8(path)
         super().__init__(path, SourceError)
+
+
+#: names that mark a checkpoint quantized to fp8 with scales (ComfyUI's "fp8_scaled" files)
+_FP8_MARKS = ("scale_weight", "scaled_fp8", "weight_scale", "scale_input")
+
+
+def refuse_fp8(path: pathlib.Path) -> None:
+    """A SourceError naming ``path`` if its safetensors header holds float8 tensors or fp8 scales
+    (nothing else is checked here: :func:`read_header` validates the header)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if n < (100 << 20) else {}
+    except (OSError, struct.error, ValueError):
+        return
+    for name, info in header.items() if isinstance(header, dict) else ():
+        dtype = str(info.get("dtype", "")) if isinstance(info, dict) else ""
+        if dtype.startswith("F8") or name.endswith(_FP8_MARKS):
+            what = f"is {dtype}" if dtype.startswith("F8") else "is an fp8 scale"
+            raise SourceError(f"{path}: fp8 checkpoints are not supported yet (tensor {name} {what}); "
+                              "convert from a bf16, fp16 or fp32 file")
 
 
 class Component:
@@ -102,10 +168,41 @@ def _weight_files(folder: pathlib.Path) -> dict[pathlib.Path, set[str] | None]:
 
 @dataclasses.dataclass
 class Repo:
+    """A diffusers-format Wan repository (the other sources subclass it: :mod:`wan_convert.original`)."""
+
     root: pathlib.Path
     source_id: str
     revision: str | None
     model_index: dict
+    #: the components a complete conversion needs
+    needs = ("transformer", "vae", "text_encoder")
+
+    def component(self, name: str) -> Component:
+        """One component, opened (the caller closes it)."""
+        return Component(self.root / name)
+
+    def config(self, name: str) -> dict | None:
+        """A component's config.json (None: the repository has no such component)."""
+        path = self.root / name / "config.json"
+        return read_json(path) if path.is_file() else None
+
+    def side_files(self, components: list[str]) -> dict[str, pathlib.Path | bytes]:
+        """What a checkpoint of ``components`` carries besides the arrays: relative path -> the source file
+        to copy, or the bytes to write (model_index.json, each component's config.json, SIDE_FOLDERS)."""
+        files: dict[str, pathlib.Path | bytes] = {"model_index.json": self.root / "model_index.json"}
+        files.update({f"{c}/config.json": self.root / c / "config.json" for c in components})
+        for name in SIDE_FOLDERS:
+            if (self.root / name).is_dir():
+                files.update({p.relative_to(self.root).as_posix(): p
+                              for p in sorted((self.root / name).rglob("*")) if p.is_file()})
+        return files
+
+    def missing(self, what: str) -> str:
+        """The message for a component (or side file) a complete conversion needs and this source lacks."""
+        if "/" in what:
+            return f"{self.root / what}: missing; wan-run needs it"
+        return (f"{self.root}: model_index.json has no {what}; not a complete Wan repository "
+                "(use --only to convert single components)")
 
     def components(self) -> list[str]:
         out = []
@@ -134,23 +231,36 @@ def _sha256(path: pathlib.Path, block: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def resolve(source: str, revision: str | None = None) -> Repo:
-    """A local folder, or a Hugging Face repo id fetched through huggingface_hub (honours HF_HOME,
-    HF_HUB_CACHE and HF_HUB_OFFLINE: with the model cached, no network is touched)."""
+def resolve(source: str, revision: str | None = None, options: SourceOptions | None = None,
+            patterns: list[str] | None = None) -> Repo:
+    """The source's repository: a diffusers folder, or a Hugging Face repo id fetched through huggingface_hub
+    (honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE: with the model cached, no network is touched;
+    ``patterns``: only the files they match); a safetensors file (a single-file transformer) or a folder
+    without model_index.json that holds an original Wan config.json: :func:`wan_convert.original.resolve`,
+    with ``options``. ``options`` given for a diffusers repository is a SourceError."""
     path = pathlib.Path(source).expanduser()
+    if path.is_file() or (path.is_dir() and not (path / "model_index.json").exists()):
+        from . import original
+
+        if original.recognised(path):
+            return original.resolve(path, options or SourceOptions())
+    if options is not None and options.given():
+        raise SourceError(f"{options.given()[0]}: applies to a single-file transformer or an original Wan-AI "
+                          f"folder; {source} is a diffusers repository")
     if path.exists():
         if not path.is_dir():
-            raise SourceError(f"{source}: not a folder")
+            raise SourceError(f"{source}: not a folder, nor a safetensors or .pth file")
         root, source_id, rev = path.resolve(), str(path.resolve()), revision
     elif _looks_like_repo_id(source):
-        root, rev = _download(source, revision), revision
+        root, rev = _download(source, revision, patterns), revision
         source_id = source
         rev = rev or _snapshot_revision(root)
     else:
-        raise SourceError(f"{source}: no such folder, and not a Hugging Face repo id")
+        raise SourceError(f"{source}: no such folder or file, and not a Hugging Face repo id")
     mi = root / "model_index.json"
     if not mi.is_file():
-        raise SourceError(f"{mi}: missing; {source} is not a diffusers pipeline repository")
+        raise SourceError(f"{mi}: missing; {source} is not a diffusers pipeline repository, nor an original "
+                          "Wan-AI folder (a config.json with dim, num_heads, num_layers)")
     model_index = read_json(mi)
     cls = str(model_index.get("_class_name", ""))
     if not cls.startswith("Wan"):
@@ -171,13 +281,13 @@ def _looks_like_repo_id(s: str) -> bool:
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
 
 
-def _download(repo_id: str, revision: str | None) -> pathlib.Path:
+def _download(repo_id: str, revision: str | None, patterns: list[str] | None = None) -> pathlib.Path:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:  # pragma: no cover
         raise SourceError(f"{repo_id}: huggingface_hub is not installed (pip install 'wan-jax[convert]')") from None
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer/*", "*/tokenizer*"]
+    patterns = patterns or ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer/*", "*/tokenizer*"]
     try:
         return pathlib.Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except RepositoryNotFoundError:
@@ -196,4 +306,5 @@ def _snapshot_revision(root: pathlib.Path) -> str | None:
 
 
 
-__all__ = ["SourceError", "TensorInfo", "TensorFile", "Component", "Repo", "resolve", "read_header", "read_json"]
+__all__ = ["SourceError", "SourceOptions", "TensorInfo", "AliasInfo", "TensorFile", "Component", "Repo", "resolve",
+           "read_header", "read_json", "refuse_fp8", "label", "SIDE_FOLDERS"]

@@ -9,10 +9,15 @@ copy from the source's pages into each chunk buffer (:class:`Cast`).
 
 A new transform is one class:
 
-- a LoRA merge (``W + s * B @ A`` in float32) returns the names of its A and B from :meth:`Transform.inputs`
-  (``plan`` checks they exist and counts them consumed; the converter reads and releases them with the
-  layer's source) and computes in :meth:`Transform.apply`, with ``view = False`` (the converter then
-  gives each layer of the target one unit of work instead of splitting it into row ranges);
+- a step that reads other source tensors returns their names from :meth:`Transform.inputs` (``plan``
+  checks they exist and counts them consumed; the converter reads and releases them with the layer's
+  source) and computes in :meth:`Transform.apply`, with ``view = False`` (the converter then gives each
+  layer of the target one unit of work instead of splitting it into row ranges);
+- :class:`LoraMerge` (``wan-convert --lora``) adds LoRA deltas from files outside the source: it knows
+  each layer by its source tensor's name (the ``name`` argument of :meth:`Transform.apply`), computes
+  ``W + strength * delta`` in float32 when that layer is converted, and the :class:`Cast` after it
+  rounds the sum. :func:`with_loras` is the hook (``mapping.Transforms``) that inserts it, only in the
+  targets a LoRA of nonzero strength touches: every other target keeps its plain chain, bit for bit;
 - a quantizer is a last step: :meth:`Transform.store` writes the quantized values, and with
   ``outputs = ("scale",)`` the per-channel scales into the sibling leaf ``<path>_scale`` (a target of
   its own with the same sources and transforms and ``output="scale"``).
@@ -20,9 +25,14 @@ A new transform is one class:
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
+
+from wan_runtime import lora as lora_lib
+
+if TYPE_CHECKING:  # mapping imports this module
+    from .mapping import Target, Transforms
 
 
 class Transform:
@@ -37,8 +47,9 @@ class Transform:
         """Names of the extra source tensors this step reads, for the layer whose source tensor is ``name``."""
         return ()
 
-    def apply(self, x: np.ndarray, extra: Mapping[str, np.ndarray]) -> np.ndarray:
-        """One layer's value after this step; ``extra`` holds the tensors :meth:`inputs` named."""
+    def apply(self, x: np.ndarray, extra: Mapping[str, np.ndarray], name: str = "") -> np.ndarray:
+        """One layer's value after this step; ``extra`` holds the tensors :meth:`inputs` named; ``name`` is
+        the layer's source tensor (which layer it is)."""
         return x
 
     def store(self, out: np.ndarray, x: np.ndarray, region, output: str = "") -> None:
@@ -53,7 +64,7 @@ class Squeeze(Transform):
 
     shape: tuple[int, ...]
 
-    def apply(self, x: np.ndarray, extra: Mapping[str, np.ndarray]) -> np.ndarray:
+    def apply(self, x: np.ndarray, extra: Mapping[str, np.ndarray], name: str = "") -> np.ndarray:
         return x.reshape(self.shape)
 
 
@@ -66,3 +77,41 @@ class Cast(Transform):
 
     def store(self, out: np.ndarray, x: np.ndarray, region, output: str = "") -> None:
         np.copyto(out, x[region], casting="unsafe")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoraMerge(Transform):
+    """``W + sum(strength * delta)`` in float32 for the layers of one leaf that ``loras`` touch
+    (``wan_runtime.lora.merge``, in the LoRAs' order); a layer they do not touch passes unchanged.
+    ``layers``: source tensor name -> the layer it is (None for an unstacked leaf)."""
+
+    path: str  # the runtime tree's leaf (a Delta's ``path``)
+    layers: Mapping[str, int | None]
+    loras: tuple[lora_lib.Lora, ...]  # only their deltas for ``path``
+    view = False  # the whole layer is needed (a matmul): one unit of work per layer
+
+    def apply(self, x: np.ndarray, extra: Mapping[str, np.ndarray], name: str = "") -> np.ndarray:
+        layer = self.layers[name]
+        if not lora_lib.touches(self.path, layer, self.loras):
+            return x
+        return lora_lib.merge(self.path, layer, x, self.loras)
+
+
+def with_loras(loras: Mapping[str, Sequence[lora_lib.Lora]], edit: "Transforms | None" = None) -> "Transforms":
+    """A ``transforms`` hook for ``plan`` / ``convert`` / ``verify``: ``edit``'s chain (default: the plan's),
+    with a :class:`LoraMerge` before the last step of each target of component ``c`` that a LoRA of
+    ``loras[c]`` with a nonzero strength touches. Other targets keep their chain unchanged, so a LoRA at
+    strength 0 converts bitwise-identically to none."""
+    active = {c: tuple(lo for lo in los if lo.strength != 0) for c, los in loras.items()}
+    touched = {c: {d.path for lo in los for d in lo.deltas} for c, los in active.items()}
+
+    def hook(component: str, target: "Target") -> Sequence[Transform]:
+        steps = list(edit(component, target) if edit is not None else target.transforms)
+        if target.path not in touched.get(component, ()):
+            return steps
+        own = tuple(dataclasses.replace(lo, deltas=tuple(d for d in lo.deltas if d.path == target.path))
+                    for lo in active[component])
+        layers = {s.name: (i if target.stacked else None) for i, s in enumerate(target.sources) if s is not None}
+        return [*steps[:-1], LoraMerge(target.path, layers, tuple(lo for lo in own if lo.deltas)), steps[-1]]
+
+    return hook

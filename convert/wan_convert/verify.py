@@ -1,18 +1,25 @@
 """Check a written checkpoint bit for bit against its source and against the runtime's tree.
 
 The comparison replays each target's transforms (``Target.layer``: the same code the converter runs),
-so whatever a transform does to a weight, verify expects exactly that."""
+so whatever a transform does to a weight, verify expects exactly that. A checkpoint with LoRAs merged
+(its manifest's "loras") is compared with the merge replayed: the LoRA files are given again (``loras``,
+``--lora`` / ``--lora-2``), each checked against the sha256 the manifest records."""
 from __future__ import annotations
 
+import hashlib
 import pathlib
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from wan_runtime import format as fmt
+from wan_runtime import lora as lora_lib
 from wan_runtime.errors import one_line
 
+from .convert import LORA_FLAGS
 from .mapping import Target, Transforms, plan
-from .source import Component, resolve
+from .source import Component, SourceOptions, resolve
+from .transforms import with_loras
 
 
 class VerifyError(ValueError):
@@ -62,16 +69,20 @@ def check_chunks(component: str, path: str, arr) -> None:
 
 
 def verify(output: str | pathlib.Path, source: str | None = None, threads: int = 2,
-           log=None, transforms: Transforms | None = None) -> int:
+           log=None, transforms: Transforms | None = None, loras: Mapping[str, Sequence] | None = None,
+           sources: SourceOptions | None = None) -> int:
     """Check a checkpoint: its trees against the runtime's; without ``source`` every chunk is read back
     (present, complete, crc32c); with it every array is compared bit for bit with the source, through
-    the targets' transforms (``transforms``: the same edit ``convert`` was given).
-    Returns the number of arrays compared with the source (0 without one). Raises VerifyError."""
+    the targets' transforms (``transforms``: the same edit ``convert`` was given; ``loras``: the LoRA
+    files it merged, as ``convert`` takes them, see :func:`merged_loras`; ``sources``: the source flags it
+    was given, for a single-file or original Wan-AI source). Returns the number of arrays compared with the source (0 without one). Raises VerifyError."""
     root = pathlib.Path(output)
     manifest = fmt.read_manifest(root)
     weights_dtype = manifest["dtype_policy"]["weights"]
     ctx = fmt.ts_context(threads)
-    repo = resolve(source) if source else None
+    repo = resolve(source, options=sources) if source else None
+    merged = merged_loras(manifest, loras) if repo is not None or loras else {}
+    transforms = with_loras(merged, transforms) if merged else transforms
     compared = 0
     for component in manifest["components"]:
         cfg = fmt.read_json(root / component / "config.json", VerifyError)
@@ -84,8 +95,47 @@ def verify(output: str | pathlib.Path, source: str | None = None, threads: int =
             for path, arr in arrays.items():
                 check_chunks(component, path, arr)
         else:
-            compared += compare(Component(repo.root / component), tree, arrays, transforms)
+            compared += compare(repo.component(component), tree, arrays, transforms)
     return compared
+
+
+def merged_loras(manifest: Mapping, given: Mapping[str, Sequence] | None) -> dict[str, tuple]:
+    """The LoRAs the manifest says were merged (its "loras"), read again from the files ``given``
+    ({component: ["FILE[:STRENGTH]" or ``lora.Lora``, ...]}, in the conversion's order) at the recorded
+    strengths. A file missing, too many or too few files, a file whose sha256 differs from the recorded
+    one, or a strength given that differs: a one-line VerifyError naming the flag and the file."""
+    recorded = manifest.get("loras") or {}
+    given = {c: list(v) for c, v in (given or {}).items() if v}
+    out = {}
+    for c in sorted(set(recorded) | set(given)):
+        flag, want, have = LORA_FLAGS.get(c, c), recorded.get(c, []), given.get(c, [])
+        if len(want) != len(have):
+            merged = ", ".join(r["file"] for r in want) or "none"
+            raise VerifyError(f"{flag}: {len(have)} LoRA file(s) given, but {len(want)} were merged into the "
+                              f"checkpoint's {c} ({merged}); pass the files it was converted with, in order")
+        out[c] = tuple(_reread(flag, c, rec, spec) for rec, spec in zip(want, have))
+    return {c: los for c, los in out.items() if los}
+
+
+def _reread(flag: str, component: str, rec: Mapping, spec) -> lora_lib.Lora:
+    """One LoRA file given to verify, checked against its manifest record, read at the recorded strength
+    (unknown keys skipped: the file is the one the conversion read, which then had them skipped or none)."""
+    if isinstance(spec, lora_lib.Lora):
+        path, strength = spec.file, spec.strength
+    else:
+        path, strength = lora_lib.parse_spec(str(spec), flag)
+        strength = None if path == str(spec) else strength  # no ":STRENGTH": the recorded one
+    path = pathlib.Path(path).expanduser()
+    if not path.is_file():
+        raise VerifyError(f"{flag} {path}: no such file (the checkpoint's {component} merged {rec['file']})")
+    with open(path, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    if sha != rec["sha256"]:
+        raise VerifyError(f"{flag} {path}: sha256 {sha[:16]}... differs from that of {rec['file']} merged into "
+                          f"the checkpoint's {component} ({rec['sha256'][:16]}...): altered, or another file")
+    if strength is not None and strength != rec["strength"]:
+        raise VerifyError(f"{flag} {path}: strength {strength:g}, but it was merged at {rec['strength']:g}")
+    return lora_lib.read(path, rec["strength"], ignore_unknown=True)
 
 
 def compare(comp: Component, tree: dict, arrays: dict, transforms: Transforms | None = None) -> int:

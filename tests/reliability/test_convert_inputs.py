@@ -71,7 +71,11 @@ def offsets_disagree_with_shape(src):
 
 
 def unknown_dtype(src):
-    return _header_edit(SHARD, lambda entry, data: entry.update(dtype="F8_E5M2"))(src) + ["unsupported dtype F8_E5M2"]
+    return _header_edit(SHARD, lambda entry, data: entry.update(dtype="C64"))(src) + ["unsupported dtype C64"]
+
+
+def fp8_dtype(src):  # an fp8 file: refused until quantized checkpoints are read as sources
+    return _header_edit(SHARD, lambda entry, data: entry.update(dtype="F8_E5M2"))(src) + ["F8_E5M2", "not supported"]
 
 
 def integer_dtype(src):
@@ -198,7 +202,7 @@ def tokenizer_missing(src):
 
 
 SOURCE_CASES = [truncated, empty_file, header_garbage, header_length_past_end, offsets_past_end,
-                offsets_disagree_with_shape, unknown_dtype, integer_dtype, negative_dimension, malformed_entry,
+                offsets_disagree_with_shape, unknown_dtype, fp8_dtype, integer_dtype, negative_dimension, malformed_entry,
                 shard_missing, shard_missing_from_index, index_names_absent_tensor, index_not_json,
                 index_without_weight_map, config_more_layers, config_fewer_layers, config_other_width,
                 config_missing_key, config_not_json, config_not_object, config_wrong_type, extra_tensor, not_wan,
