@@ -64,6 +64,9 @@ PARITY = [
      "(XLA memory analysis, compile only)", "the test requires < 16 GiB", ["optimization/step_memory/*"], "GiB"),
     ("`wan-run --plan`, Wan2.2-T2V-A14B widths (2 layers per expert) at 720p x 81 frames, float32: the denoise "
      "stage's working memory", "a hand-built step of the same shapes (within 15%)", ["plan/*"], "GiB"),
+    ("LoRAs (diffusers/PEFT, PEFT metadata alpha, original Wan with .alpha and .diff_b, kohya; two stacked; one per Wan "
+     "2.2 expert), applied at load and merged at conversion: frames", "diffusers `load_lora_weights` + `fuse_lora`",
+     ["lora/*/at_load/frames_max_abs", "lora/*/merged/frames_max_abs"], "max abs"),
     ("`--offload` encoders, experts, all: device bytes freed during each denoise step (`jax.live_arrays()`), "
      "output bitwise equal", "the offloaded weights' bytes, exactly", ["optimization/offload_*"], "bytes"),
 ]
