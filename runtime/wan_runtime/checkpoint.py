@@ -110,7 +110,8 @@ class Checkpoint:
         return read_json(path) if path.exists() else {}
 
     def abstract_tree(self, component: str) -> fmt.Tree:
-        return fmt.component_tree(component, self.config(component), self.manifest["dtype_policy"]["weights"])
+        return fmt.component_tree(component, self.config(component),
+                                  fmt.component_dtype(self.manifest["dtype_policy"], component))
 
 
 def read_json(path: pathlib.Path) -> dict:

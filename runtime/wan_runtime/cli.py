@@ -108,6 +108,11 @@ OPTIONS = [
     _opt(_D, "--process-id", envvar="WAN_JAX_PROCESS_ID", type=int, default=None),
     _opt(_D, "--local-device-ids", envvar="WAN_JAX_LOCAL_DEVICE_IDS", default=None,
          help="multi-process run: this process's devices on its host, e.g. 0,1 (several processes per GPU host)"),
+    _opt(_P, "--quantize", type=click.Choice(["float8_e4m3fn", "int8"]), default=None,
+         help="quantize the transformer blocks' weights at load (per-channel scales; a checkpoint converted with "
+              "wan-convert --dtype float8_e4m3fn|int8 needs none)"),
+    _opt(_P, "--fp8-matmul", is_flag=True, help="fp8 x fp8 block matmuls with per-token activation scales "
+         "(float8_e4m3fn weights; GPUs of compute capability >= 8.9 only)"),
     _opt(_P, "--vae-precision", type=click.Choice(["default", "highest"]), default=None,
          help="float32 VAE convs: default (TF32 on GPUs) or highest (full float32); default: default on GPU, "
               "highest elsewhere"),
@@ -189,11 +194,16 @@ def run(flags: dict) -> None:
         click.echo(f"wan-run: note: {note}", err=True)
     distributed.initialize(flags["coordinator"], flags["num_processes"], flags["process_id"],
                            flags["local_device_ids"])  # before any other JAX call
+    if flags["fp8_matmul"]:
+        from .models.layers import fp8_matmul_support
+
+        if fp8_matmul_support():
+            raise UsageError(f"--fp8-matmul: {fp8_matmul_support()}")
     pipe = WanPipeline.from_converted(
         ckpt.root, mesh=config.mesh, dtype=_dtypes(flags), compilation_cache=flags["compile_cache"],
         executable_cache=flags["executable_cache"] or None, context_attention=flags["context_attention"],
         kv_cache=flags["kv_cache"], vae_chunk=flags["vae_chunk"], vae_precision=flags["vae_precision"],
-        preset=config.preset, offload=flags["offload"])
+        preset=config.preset, offload=flags["offload"], quantize=flags["quantize"], fp8_matmul=flags["fp8_matmul"])
     pipe.set_loras(*loras)
     bar = _progress_bar(config.steps, flags["quiet"])
     gen = pipe.generate(flags["prompt"], config, image=image, latents=init,
@@ -229,7 +239,7 @@ def print_plan(flags: dict) -> None:
     result = plan(ckpt, config, dtypes=_dtypes(flags), image=flags["image"] is not None, device_memory_bytes=limit,
                   context_attention=flags["context_attention"], kv_cache=flags["kv_cache"],
                   vae_chunk=flags["vae_chunk"], vae_precision=flags["vae_precision"], preset=config.preset,
-                  offload=flags["offload"])
+                  offload=flags["offload"], quantize=flags["quantize"])
     click.echo(f"{ckpt.root.name}: {config.height}x{config.width}, {config.frames} frames, "
                f"mesh {config.mesh or '1 device'}")
     click.echo(result.render())
@@ -351,7 +361,8 @@ def _write(out: pathlib.Path, gen, flags: dict, ckpt, pipe) -> None:
                   "source": ckpt.manifest.get("source", {}).get("id")},
         "preset": gen.config.preset,
         "settings": gen.config.record() | {
-            "dtypes": dataclasses.asdict(pipe.dtypes), "offload": pipe.offload,
+            "dtypes": dataclasses.asdict(pipe.dtypes), "offload": pipe.offload, "quantize": flags["quantize"],
+            "weights": pipe.ckpt.manifest["dtype_policy"]["weights"], "fp8_matmul": pipe.fp8_matmul,
             "loras": {c: [lo.record() for lo in los] for c, los in pipe.loras.items() if los},
             "kv_cache": pipe.kv_cache, "vae_chunk": pipe.vae_chunk,
             "vae_precision": pipe.vae_precision,

@@ -69,10 +69,11 @@ def stored_dtype(path: str, weights_dtype: str) -> str:
     """The dtype a parameter is stored in: ``weights_dtype``, except norms and diffusers' fp32 modules.
 
     Every normalisation parameter (any path part containing "norm": LayerNorm / RMSNorm scales and
-    biases, q/k norms, the VAE's RMS gammas) stays float32, as do the modules diffusers keeps in float32.
+    biases, q/k norms, the VAE's RMS gammas) stays float32, as do the modules diffusers keeps in float32
+    and the scales of quantized weights (``weight_scale``).
     """
     parts = path.split(".")
-    if any(p in KEEP_FP32_MODULES or "norm" in p for p in parts):
+    if any(p in KEEP_FP32_MODULES or "norm" in p for p in parts) or parts[-1] == "weight_scale":
         return "float32"
     if weights_dtype == "float16" and any(p in KEEP_FP32_IF_FLOAT16 for p in parts):
         return "float32"
@@ -106,10 +107,14 @@ def unflatten(flat: Mapping[str, Any]) -> Tree:
 
 
 class _Builder:
-    """Collects the leaves of a param tree; ``weights_dtype`` goes through :func:`stored_dtype`."""
+    """Collects the leaves of a param tree; ``weights_dtype`` goes through :func:`stored_dtype`. A
+    quantized ``weights_dtype`` (``QUANT_DTYPES``) applies to the linears declared ``quantize=True`` (the
+    transformer blocks' 2-D weights), each with its per-output-channel scale leaf ``<weight>_scale``;
+    every other leaf takes ``QUANT_BASE`` by the usual rule."""
 
     def __init__(self, weights_dtype: str):
-        self.weights_dtype = weights_dtype
+        self.quant = weights_dtype if weights_dtype in QUANT_DTYPES else None
+        self.weights_dtype = QUANT_BASE if self.quant else weights_dtype
         self.flat: dict[str, Leaf] = {}
 
     def add(self, path: str, shape, axes=None) -> None:
@@ -117,9 +122,13 @@ class _Builder:
         axes = tuple(axes) if axes is not None else (None,) * len(shape)
         self.flat[path] = Leaf(shape, stored_dtype(path, self.weights_dtype), axes)
 
-    def linear(self, path: str, out_dim: int, in_dim: int, axes=(None, None), bias=True, stack: int = 0):
+    def linear(self, path: str, out_dim: int, in_dim: int, axes=(None, None), bias=True, stack: int = 0,
+               quantize: bool = False):
         lead, lead_axes = ((stack,), ("layers",)) if stack else ((), ())
         self.add(f"{path}.weight", lead + (out_dim, in_dim), lead_axes + tuple(axes))
+        if quantize and self.quant:
+            self.flat[f"{path}.weight"] = Leaf(lead + (out_dim, in_dim), self.quant, lead_axes + tuple(axes))
+            self.flat[f"{path}.weight_scale"] = Leaf(lead + (out_dim,), "float32", lead_axes + (axes[0],))
         if bias:
             self.add(f"{path}.bias", lead + (out_dim,), lead_axes + (axes[0],))
 
@@ -160,19 +169,19 @@ def transformer_tree(cfg: configs.WanTransformerConfig, weights_dtype: str = "bf
     b.add("blocks.scale_shift_table", (L, 6, D), ("layers", None, None))
     for attn in ("attn1", "attn2"):
         for proj in ("to_q", "to_k", "to_v"):
-            b.linear(f"blocks.{attn}.{proj}", D, D, ("heads", "embed"), stack=L)
-        b.linear(f"blocks.{attn}.to_out", D, D, ("embed", "heads"), stack=L)
+            b.linear(f"blocks.{attn}.{proj}", D, D, ("heads", "embed"), stack=L, quantize=True)
+        b.linear(f"blocks.{attn}.to_out", D, D, ("embed", "heads"), stack=L, quantize=True)
         if c.qk_norm:
             b.norm(f"blocks.{attn}.norm_q", D, stack=L)
             b.norm(f"blocks.{attn}.norm_k", D, stack=L)
     if c.added_kv_proj_dim:
-        b.linear("blocks.attn2.add_k_proj", D, c.added_kv_proj_dim, ("heads", None), stack=L)
-        b.linear("blocks.attn2.add_v_proj", D, c.added_kv_proj_dim, ("heads", None), stack=L)
+        b.linear("blocks.attn2.add_k_proj", D, c.added_kv_proj_dim, ("heads", None), stack=L, quantize=True)
+        b.linear("blocks.attn2.add_v_proj", D, c.added_kv_proj_dim, ("heads", None), stack=L, quantize=True)
         b.norm("blocks.attn2.norm_added_k", D, stack=L)
     if c.cross_attn_norm:
         b.norm("blocks.norm2", D, bias=True, stack=L)
-    b.linear("blocks.ffn.fc_in", F, D, ("mlp", "embed"), stack=L)
-    b.linear("blocks.ffn.fc_out", D, F, ("embed", "mlp"), stack=L)
+    b.linear("blocks.ffn.fc_in", F, D, ("mlp", "embed"), stack=L, quantize=True)
+    b.linear("blocks.ffn.fc_out", D, F, ("embed", "mlp"), stack=L, quantize=True)
     b.add("scale_shift_table", (2, D))
     b.linear("proj_out", c.out_channels * pt * ph * pw, D, (None, "embed"))
     return b.tree()
@@ -252,6 +261,12 @@ class FormatError(ValueError):
 
 #: the dtypes a checkpoint's weights may be stored in (``dtype_policy.weights``; norms stay float32)
 WEIGHT_DTYPES = ("bfloat16", "float16", "float32")
+#: quantized storage of the transformer blocks' 2-D weights, symmetric absmax per output channel: the
+#: largest magnitude each maps to (scale = max|row| / this); every other leaf is stored in ``QUANT_BASE``
+QUANT_DTYPES = {"float8_e4m3fn": 448.0, "int8": 127.0}
+QUANT_BASE = "bfloat16"
+#: everything ``dtype_policy.weights`` may say
+STORAGE_DTYPES = WEIGHT_DTYPES + tuple(QUANT_DTYPES)
 
 
 def read_json(path: str | pathlib.Path, error: type[Exception] = FormatError, what: str = "JSON object") -> dict:
@@ -293,8 +308,11 @@ def check_manifest(m: Mapping[str, Any], path: str | pathlib.Path = MANIFEST) ->
     if not isinstance(comps, dict) or not comps or any(c not in COMPONENTS for c in comps):
         raise FormatError(f"{path}: 'components' must name some of {', '.join(COMPONENTS)}")
     policy = m.get("dtype_policy")
-    if not isinstance(policy, dict) or policy.get("weights") not in WEIGHT_DTYPES:
-        raise FormatError(f"{path}: 'dtype_policy.weights' must be {', '.join(WEIGHT_DTYPES[:-1])} or {WEIGHT_DTYPES[-1]}")
+    if not isinstance(policy, dict) or policy.get("weights") not in STORAGE_DTYPES:
+        raise FormatError(f"{path}: 'dtype_policy.weights' must be {', '.join(STORAGE_DTYPES[:-1])} or "
+                          f"{STORAGE_DTYPES[-1]}")
+    if any(c not in COMPONENTS or d not in WEIGHT_DTYPES for c, d in policy.get("components", {}).items()):
+        raise FormatError(f"{path}: 'dtype_policy.components' maps components to {', '.join(WEIGHT_DTYPES)}")
     return dict(m)
 
 
@@ -330,6 +348,12 @@ def build_manifest(*, family: str, converter: str, source: Mapping[str, Any], we
 
 def iter_leaves(tree: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     yield from flatten(tree).items()
+
+
+def component_dtype(policy: Mapping[str, Any], component: str) -> str:
+    """The weights dtype a manifest's ``dtype_policy`` gives ``component`` (``components`` overrides
+    ``weights``, e.g. a bf16 text encoder beside an fp8 transformer)."""
+    return policy.get("components", {}).get(component, policy["weights"])
 
 
 def np_dtype(name: str) -> np.dtype:

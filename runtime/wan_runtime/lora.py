@@ -313,7 +313,7 @@ def apply(tree: Mapping[str, Any], loras: Iterable[Lora]) -> dict[str, Any]:
     if not todo:
         return dict(tree)
     strengths = jnp.asarray([lo.strength for lo in loras], jnp.float32)
-    leaves = {p: flat[p] for p in todo}
+    leaves = {p: flat[p] for p in todo} | {f"{p}_scale": flat[f"{p}_scale"] for p in todo if f"{p}_scale" in flat}
     shardings = {p: a.sharding for p, a in leaves.items()}
     new = _apply_program(tuple(sorted(shardings.items(), key=lambda kv: kv[0])))(leaves, todo, strengths)
     return unflatten({**flat, **new})
@@ -325,20 +325,28 @@ def _apply_program(shardings: tuple):
     import jax
     import jax.numpy as jnp
 
+    from . import quant
+    from .format import QUANT_DTYPES
+
     def add(leaves, todo, strengths):
         out = {}
-        for p, w in leaves.items():
-            acc = w.astype(jnp.float32)
+        for p in todo:
+            w, scale = leaves[p], leaves.get(f"{p}_scale")
+            acc = w.astype(jnp.float32) if scale is None else w.astype(jnp.float32) * scale[..., None]
             for pack in todo[p]:
                 s = strengths[pack["lora"]]
                 if "up" in pack:
                     eq = "lor,lri->loi" if pack["up"].ndim == 3 else "or,ri->oi"
-                    scale = pack["scale"][:, None, None] if pack["up"].ndim == 3 else pack["scale"]
-                    acc = acc + s * scale * jnp.einsum(eq, pack["up"], pack["down"],
+                    alpha = pack["scale"][:, None, None] if pack["up"].ndim == 3 else pack["scale"]
+                    acc = acc + s * alpha * jnp.einsum(eq, pack["up"], pack["down"],
                                                       precision=jax.lax.Precision.HIGHEST)
                 if "diff" in pack:
                     acc = acc + s * pack["diff"]
-            out[p] = acc.astype(w.dtype)
+            if scale is None:
+                out[p] = acc.astype(w.dtype)
+            else:  # a quantized weight: dequantized, the deltas added, quantized again by the same rule
+                out[p], out[f"{p}_scale"] = quant.quantize_jax(acc, next(q for q in QUANT_DTYPES
+                                                                        if jnp.dtype(w.dtype).name == q))
         return out
 
     return jax.jit(add, out_shardings=dict(shardings))

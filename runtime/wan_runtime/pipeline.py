@@ -50,10 +50,12 @@ def cast_weights(tree, dtype: str, *, consume: bool = False, slice_bytes: int | 
     was a compile per distinct shape). ``consume``: the old leaves are deleted as soon as their slice is
     cast, so the device holds at most the old tree plus one slice of new leaves (a 14B float32 -> bf16
     recast no longer needs old + new)."""
-    from .format import flatten, stored_dtype, unflatten
+    from .format import QUANT_DTYPES, flatten, np_dtype, stored_dtype, unflatten
 
     flat = flatten(tree)
-    todo = tuple((p, stored_dtype(p, dtype)) for p, a in flat.items() if a.dtype != jnp.dtype(stored_dtype(p, dtype)))
+    quantized = {jnp.dtype(np_dtype(q)) for q in QUANT_DTYPES}  # stay quantized: dense scales their output
+    todo = tuple((p, stored_dtype(p, dtype)) for p, a in flat.items()
+                 if a.dtype != jnp.dtype(stored_dtype(p, dtype)) and a.dtype not in quantized)
     out, limit = dict(flat), slice_bytes or CAST_SLICE_BYTES
     for part in _slices(todo, {p: flat[p].nbytes for p, _ in todo}, limit):
         out.update(_cast_leaves({p: flat[p] for p, _ in part}, part))
@@ -61,6 +63,27 @@ def cast_weights(tree, dtype: str, *, consume: bool = False, slice_bytes: int | 
             for p, _ in part:
                 flat[p].delete()
     return unflatten(out) if todo else tree
+
+
+def _quantize_experts(ck, params: dict, dtype: str) -> None:
+    """``--quantize``: the transformers' block weights quantized in place of the restored ones."""
+    from . import quant
+    from .format import QUANT_DTYPES, component_dtype, component_tree, flatten
+
+    if dtype not in QUANT_DTYPES:
+        raise InputError(f"--quantize: {dtype!r} is not one of {', '.join(QUANT_DTYPES)}")
+    for c in families.get(ck.family).expert_names:
+        if c not in params:
+            continue
+        if component_dtype(ck.manifest["dtype_policy"], c) in QUANT_DTYPES:
+            raise InputError(f"--quantize: {ck.root} is already quantized "
+                             f"({component_dtype(ck.manifest['dtype_policy'], c)})")
+        old = flatten(params[c])
+        params[c] = quant.quantize_tree(params[c], component_tree(c, ck.config(c), dtype), dtype)
+        new = flatten(params[c])
+        for path, a in old.items():
+            if new[path] is not a:
+                a.delete()  # an unquantized block weight (the other leaves are the same arrays)
 
 
 def _slices(todo, nbytes, limit):
@@ -207,7 +230,7 @@ class WanPipeline:
     def __init__(self, ckpt: ckpt_lib.Checkpoint, params: dict, mesh, dtypes: Dtypes, *, load_seconds: float = 0.0,
                  executables: ExecutableCache | None = None, context_attention: str = "auto", kv_cache: bool = True,
                  vae_chunk: int = 1, steps_per_call: int | None = None, preset: str | None = None,
-                 vae_precision: str | None = None, offload: str = "auto"):
+                 vae_precision: str | None = None, offload: str = "auto", fp8_matmul: bool = False):
         self.ckpt, self.mesh, self.dtypes = ckpt, mesh, dtypes
         #: the components' weights, on the device or (offloaded between their uses) in host memory
         self.params = params if isinstance(params, residency.Weights) else residency.Weights(params)
@@ -218,6 +241,13 @@ class WanPipeline:
         self.load_seconds = load_seconds
         self.kv_cache, self.vae_chunk, self.steps_per_call, self.preset = kv_cache, vae_chunk, steps_per_call, preset
         self.vae_precision = vae_precision or vae_lib.default_precision()
+        self.fp8_matmul = fp8_matmul
+        if fp8_matmul:
+            from .models.layers import fp8_matmul_support
+
+            why = fp8_matmul_support()
+            if why:
+                raise InputError(f"--fp8-matmul: {why}")
         if self.vae_precision not in vae_lib.PRECISIONS:
             raise InputError(f"--vae-precision: {vae_precision!r} is not one of {', '.join(vae_lib.PRECISIONS)}")
         self.experts = [c for c in self.family.expert_names if c in self.params]
@@ -238,16 +268,21 @@ class WanPipeline:
     @classmethod
     def from_converted(cls, path, *, mesh: str | Mapping[str, int] | None = None, dtype: str | Dtypes | None = None,
                        parallel_restore: bool = True, compilation_cache: str | None = None,
-                       executable_cache: bool | None = None, **options) -> "WanPipeline":
+                       executable_cache: bool | None = None, quantize: str | None = None,
+                       **options) -> "WanPipeline":
         """Restore a converted checkpoint (components in parallel threads) onto ``mesh`` (a process's
         devices, or every process's after ``jax.distributed.initialize``: each process reads only the
-        shards of its own devices). ``options``: the constructor's per-pipeline settings."""
+        shards of its own devices). ``quantize`` ("float8_e4m3fn" or "int8"): quantize the transformer
+        blocks' weights on the device once, by the converter's rule (quant.py), for a checkpoint that is
+        not quantized. ``options``: the constructor's per-pipeline settings."""
         t0 = time.perf_counter()
         cache_dir = enable_compilation_cache(compilation_cache)
         ck = ckpt_lib.open_checkpoint(path)
         jmesh = shd.make_mesh(shd.parse_mesh(mesh))
         params, _ = ckpt_lib.restore(ck, ck.components, jmesh, parallel=parallel_restore)
         dtypes = Dtypes.of(dtype)
+        if quantize:
+            _quantize_experts(ck, params, quantize)
         for c in params:
             want = dtypes.vae_weights if c == "vae" else dtypes.weights
             if want:
@@ -292,7 +327,7 @@ class WanPipeline:
         kw = dict(load_seconds=self.load_seconds, executables=self.executables, kv_cache=self.kv_cache,
                   vae_chunk=self.vae_chunk, steps_per_call=self.steps_per_call, preset=self.preset,
                   context_attention=self.layout.context_attention, vae_precision=self.vae_precision,
-                  offload=self.offload)
+                  offload=self.offload, fp8_matmul=self.fp8_matmul)
         other = WanPipeline(self.ckpt, self.params, self.mesh, self.dtypes, **{**kw, **options})
         other._compiled = self._compiled
         return other
@@ -524,10 +559,14 @@ class WanPipeline:
         multi = dist.multi_process()
         if multi:
             args = self._global(args)
+        key = key + ("fp8-matmul",) if self.fp8_matmul else key
         if key not in self._compiled:
+            from .models.layers import fp8_matmul
+
             t0 = time.perf_counter()
             context = repr((self.ucfg, self.tcfgs, self.vcfg, self.ckpt.manifest.get("dtype_policy")))
-            self._compiled[key] = self.executables.get_or_compile(key, context, fn, *args)
+            with fp8_matmul(self.fp8_matmul):
+                self._compiled[key] = self.executables.get_or_compile(key, context, fn, *args)
             timings.compile += time.perf_counter() - t0
         compiled = self._compiled[key]
         if self.planner is not None:

@@ -116,15 +116,20 @@ class Recorder:
         return lambda *_: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding), compiled.out_info)
 
 
-def abstract_params(ckpt, mesh, dtypes, rules: Mapping[str, str | None] = shd.DEFAULT_RULES) -> dict:
+def abstract_params(ckpt, mesh, dtypes, rules: Mapping[str, str | None] = shd.DEFAULT_RULES,
+                    quantize: str | None = None) -> dict:
     """Every component's param tree as ``jax.ShapeDtypeStruct`` with the sharding restore gives it and
-    the dtype after the pipeline's weight recast (``dtypes.weights`` / ``vae_weights``)."""
+    the dtype after the pipeline's weight recast (``dtypes.weights`` / ``vae_weights``; quantized leaves
+    stay quantized), the transformers quantized as ``--quantize`` would."""
     out = {}
     for c in ckpt.components:
         want = dtypes.vae_weights if c == "vae" else dtypes.weights
-        flat = {p: jax.ShapeDtypeStruct(leaf.shape, fmt.stored_dtype(p, want) if want else leaf.dtype,
+        tree = fmt.component_tree(c, ckpt.config(c), quantize) if quantize and c.startswith("transformer") \
+            else ckpt.abstract_tree(c)
+        flat = {p: jax.ShapeDtypeStruct(leaf.shape, fmt.stored_dtype(p, want) if want and leaf.dtype not in
+                                        fmt.QUANT_DTYPES else leaf.dtype,
                                         sharding=shd.named_sharding(mesh, leaf.shape, leaf.axes, rules))
-                for p, leaf in fmt.flatten(ckpt.abstract_tree(c)).items()}
+                for p, leaf in fmt.flatten(tree).items()}
         out[c] = fmt.unflatten(flat)
     return out
 
@@ -143,7 +148,7 @@ def device_memory(device) -> int | None:
 
 
 def plan(ckpt, config, *, dtypes, image: bool = False, device_memory_bytes: int | None = None,
-         **options) -> Plan:
+         quantize: str | None = None, **options) -> Plan:
     """The memory plan of one generation with ``config`` (a resolved RunConfig) on its mesh.
     ``options``: the pipeline's (offload, kv_cache, vae_chunk, ...). ``image``: plan the image-to-video
     path (a blank first frame)."""
@@ -152,7 +157,7 @@ def plan(ckpt, config, *, dtypes, image: bool = False, device_memory_bytes: int 
     from .pipeline import WanPipeline
 
     mesh = shd.make_mesh(shd.parse_mesh(config.mesh))
-    params = abstract_params(ckpt, mesh, dtypes)
+    params = abstract_params(ckpt, mesh, dtypes, quantize=quantize)
     pipe = WanPipeline(ckpt, params, mesh, dtypes, **options)
     pipe.planner = Recorder()
     first = Image.new("RGB", (config.width, config.height)) if image else None
