@@ -1,6 +1,7 @@
 """Conversion throughput against the copy limit, measured in the same run.
 
     python tools/bench_convert.py [--model wan2.1-t2v-1.3b] [--workdir /tmp/wan-bench] [--repeat 2]
+    python tools/bench_convert.py --dtype float8_e4m3fn   # a quantized conversion against the same copy limit
 
 1. writes (once) a synthetic FP32 transformer with tools/make_synthetic_checkpoint.py;
 2. copy limit: numpy reads the same safetensors bytes (mmap) and casts them to bf16 into memory with
@@ -55,7 +56,8 @@ def copy_limit(src: pathlib.Path, threads: int) -> tuple[float, int]:
     return dt, total
 
 
-def run_convert(src: pathlib.Path, out: pathlib.Path, threads: int | None, fsync: bool = False) -> tuple[float, float, str]:
+def run_convert(src: pathlib.Path, out: pathlib.Path, threads: int | None, fsync: bool = False,
+                dtype: str = "bfloat16") -> tuple[float, float, str]:
     shutil.rmtree(out, ignore_errors=True)
     # VmHWM (this process image's peak RSS) is printed at exit; ru_maxrss would include the fork
     wrapper = ("import atexit, sys, re\n"
@@ -63,7 +65,8 @@ def run_convert(src: pathlib.Path, out: pathlib.Path, threads: int | None, fsync
                "from wan_convert.cli import main\n"
                "sys.argv[0] = 'wan-convert'\n"
                "main()\n")
-    cmd = [sys.executable, "-c", wrapper, str(src), str(out), "--only", "transformer", "-q", "--no-hash"]
+    cmd = [sys.executable, "-c", wrapper, str(src), str(out), "--only", "transformer", "-q", "--no-hash",
+           "--dtype", dtype]
     if threads:
         cmd += ["--threads", str(threads)]
     if fsync:
@@ -79,7 +82,7 @@ def run_convert(src: pathlib.Path, out: pathlib.Path, threads: int | None, fsync
 
 
 def measure(workdir: pathlib.Path, model: str = "wan2.1-t2v-1.3b", repeat: int = 2, threads: int | None = None,
-            copy_threads: int = 2, fsync: bool = True) -> dict:
+            copy_threads: int = 2, fsync: bool = True, dtype: str = "bfloat16") -> dict:
     """Alternating rounds of the copy limit and wan-convert (and wan-convert --fsync); one row per round."""
     import make_synthetic_checkpoint as msc
 
@@ -94,14 +97,15 @@ def measure(workdir: pathlib.Path, model: str = "wan2.1-t2v-1.3b", repeat: int =
     rows = []
     for _ in range(repeat):
         dt_copy, nbytes = copy_limit(src, copy_threads)
-        dt_conv, rss_gb, _ = run_convert(src, workdir / "converted", threads)
+        out = workdir / ("converted" if dtype == "bfloat16" else f"converted-{dtype}")
+        dt_conv, rss_gb, _ = run_convert(src, out, threads, dtype=dtype)
         row = dict(copy_gbps=nbytes / dt_copy / 1e9, convert_gbps=nbytes / dt_conv / 1e9, ratio=dt_copy / dt_conv,
                    peak_rss_gb=rss_gb, input_gb=nbytes / 1e9, convert_s=dt_conv, copy_s=dt_copy)
         if fsync:
-            dt_sync, _, _ = run_convert(src, workdir / "converted", threads, fsync=True)
+            dt_sync, _, _ = run_convert(src, out, threads, fsync=True, dtype=dtype)
             row.update(fsync_gbps=nbytes / dt_sync / 1e9, fsync_ratio=dt_copy / dt_sync)
         rows.append(row)
-    return {"model": model, "runs": rows, "machine": _machine()}
+    return {"model": model, "dtype": dtype, "runs": rows, "machine": _machine()}
 
 
 def main(argv=None) -> int:
@@ -112,12 +116,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="converter threads (default: its own)")
     ap.add_argument("--copy-threads", type=int, default=2)
     ap.add_argument("--json", type=pathlib.Path, default=None)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float8_e4m3fn", "int8"),
+                    help="the checkpoint's --dtype (the copy limit stays the bf16 cast)")
     args = ap.parse_args(argv)
 
-    result = measure(args.workdir, args.model, args.repeat, args.threads, args.copy_threads)
+    result = measure(args.workdir, args.model, args.repeat, args.threads, args.copy_threads, dtype=args.dtype)
     rows = result["runs"]
     best = max(rows, key=lambda r: r["ratio"])
-    print(f"\nconvert {args.model}: {best['input_gb']:.2f} GB FP32 input (machine: {_machine()})")
+    print(f"\nconvert {args.model} to {args.dtype}: {best['input_gb']:.2f} GB FP32 input (machine: {_machine()})")
     print(f"{'run':>4} {'copy limit GB/s':>16} {'convert GB/s':>13} {'ratio':>6} {'--fsync GB/s':>13} {'ratio':>6} {'peak RSS GB':>12}")
     for i, r in enumerate(rows):
         print(f"{i:>4} {r['copy_gbps']:>16.2f} {r['convert_gbps']:>13.2f} {r['ratio']:>6.2f} {r['fsync_gbps']:>13.2f} "

@@ -3,6 +3,7 @@ with no converter at all, and against reading the checkpoint's bytes raw, in the
 
     python tools/bench_restore.py [--model wan2.1-t2v-1.3b] [--workdir /tmp/wan-bench] [--repeat 3]
     python tools/bench_restore.py --staged [--layers 4]   # staged / overlapped vs the old path, 8 CPU devices
+    python tools/bench_restore.py --dtype float8_e4m3fn   # a quantized checkpoint's restore vs the bf16 one
 
 The first three end as the same device arrays (one device); the raw read fills host buffers:
 
@@ -25,6 +26,10 @@ replicated (mesh data=8), three ways: the old path (every read, then each shard 
 overlapped (a leaf's copies start once its chunks are in), and overlapped + staged (a replicated leaf sent
 1/8 per device, then all-gathered on the devices). On CPU ``jax.device_put`` aliases host buffers, so this
 measures what staging costs (the all-gather's copies), not the host-link time it saves on accelerators.
+
+``--dtype float8_e4m3fn`` (or int8) instead restores the same transformer converted to that dtype (the
+blocks' 2-D weights one byte each, plus their float32 scales) and the bf16 conversion, interleaved, with
+the runtime's restore (one device): the ratio is what reading half the bytes buys (the issue wants <= 0.6).
 """
 from __future__ import annotations
 
@@ -95,19 +100,21 @@ def raw_read(ck: pathlib.Path, threads: int) -> int:
     return sum(sizes)
 
 
-def ensure_inputs(workdir: pathlib.Path, model: str, layers: int | None = None) -> tuple[pathlib.Path, pathlib.Path]:
-    """(synthetic FP32 source, its bf16 conversion), written once under workdir (``layers``: that many
+def ensure_inputs(workdir: pathlib.Path, model: str, layers: int | None = None,
+                  dtype: str = "bfloat16") -> tuple[pathlib.Path, pathlib.Path]:
+    """(synthetic FP32 source, its conversion to ``dtype``), written once under workdir (``layers``: that many
     transformer blocks instead of the model's)."""
     import make_synthetic_checkpoint as msc
     from wan_convert.convert import convert
 
     tag = f"-{layers}l" if layers else ""
-    src, ck = workdir / f"synthetic-{model}{tag}", workdir / f"converted{tag}"
+    suffix = "" if dtype == "bfloat16" else f"-{dtype}"
+    src, ck = workdir / f"synthetic-{model}{tag}", workdir / f"converted{tag}{suffix}"
     if not (src / "transformer" / "config.json").exists():
         print(f"writing synthetic {model} to {src} ...", flush=True)
         msc.write(src, model, layers)
     if not (ck / "manifest.json").exists():
-        convert(str(src), ck, only=["transformer"], force=True, hash_source=False)
+        convert(str(src), ck, only=["transformer"], force=True, hash_source=False, weights_dtype=dtype)
     return src, ck
 
 
@@ -182,6 +189,37 @@ def measure(workdir: pathlib.Path, model: str = "wan2.1-t2v-1.3b", repeat: int =
                 ours_vs_tensorstore=med["ours"] / med["tensorstore"])
 
 
+def measure_dtype(workdir: pathlib.Path, model: str, repeat: int, dtype: str, threads: int | None = None) -> dict:
+    """Median seconds of the runtime's restore of the ``dtype`` and the bf16 conversions, interleaved."""
+    import jax
+
+    from wan_runtime import checkpoint as C
+
+    threads = threads or C.default_threads()
+    cks = {d: C.open_checkpoint(ensure_inputs(workdir, model, dtype=d)[1]) for d in ("bfloat16", dtype)}
+    runs = {d: (lambda ck=ck: jax.block_until_ready(C.restore_component(ck, "transformer", concurrency=threads)))
+            for d, ck in cks.items()}
+    times = interleaved(runs, repeat)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    gb = {d: ck.manifest["components"]["transformer"]["bytes"] / 1e9 for d, ck in cks.items()}
+    return dict(model=model, dtype=dtype, threads=threads, seconds=med, times=times, checkpoint_gb=gb,
+                time_ratio=med[dtype] / med["bfloat16"], bytes_ratio=gb[dtype] / gb["bfloat16"])
+
+
+def main_dtype(args) -> int:
+    r = measure_dtype(args.workdir, args.model, args.repeat, args.dtype, args.threads)
+    print(f"\nrestore {args.model} transformer, {args.dtype} vs bfloat16; median of {args.repeat} interleaved rounds, "
+          f"{r['threads']} reader threads")
+    print(f"{'dtype':<14} {'GB':>6} {'seconds':>8} {'GB/s':>6} {'vs bf16':>8}")
+    for d, secs in r["seconds"].items():
+        gb = r["checkpoint_gb"][d]
+        print(f"{d:<14} {gb:>6.2f} {secs:>8.3f} {gb / secs:>6.2f} {secs / r['seconds']['bfloat16']:>8.2f}")
+    print(f"time ratio {r['time_ratio']:.2f} (bytes ratio {r['bytes_ratio']:.2f})")
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="wan2.1-t2v-1.3b")
@@ -191,9 +229,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=pathlib.Path, default=None)
     ap.add_argument("--staged", action="store_true", help="staged / overlapped vs the old path on 8 CPU devices")
     ap.add_argument("--layers", type=int, default=4, help="transformer blocks for --staged (8 copies on CPU)")
+    ap.add_argument("--dtype", choices=("float8_e4m3fn", "int8"), default=None,
+                    help="restore a checkpoint quantized to this dtype against the bf16 one")
     args = ap.parse_args(argv)
     if args.staged:
         return main_staged(args)
+    if args.dtype:
+        return main_dtype(args)
     r = measure(args.workdir, args.model, args.repeat, args.threads)
     s = r["seconds"]
     print(f"\nrestore {args.model}: checkpoint {r['checkpoint_gb']:.2f} GB bf16, source {r['source_gb']:.2f} GB FP32; "

@@ -7,7 +7,7 @@ import sys
 import click
 
 from wan_runtime import errors
-from wan_runtime.format import WEIGHT_DTYPES, FormatError
+from wan_runtime.format import QUANT_BASE, STORAGE_DTYPES, WEIGHT_DTYPES, FormatError
 from wan_runtime.lora import LoraError
 from wan_runtime.sharding import MeshError
 
@@ -98,7 +98,11 @@ def _source_options(f):
 @click.argument("source")
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--dtype", "weights_dtype", default="bfloat16", show_default=True,
-              type=click.Choice(WEIGHT_DTYPES), help="weights dtype (norms stay float32)")
+              type=click.Choice(STORAGE_DTYPES), help="weights dtype (norms stay float32); float8_e4m3fn / int8 "
+              "quantize the transformer blocks' 2-D weights (per-output-channel float32 scales), the rest "
+              f"{QUANT_BASE}")
+@click.option("--text-encoder-dtype", type=click.Choice(WEIGHT_DTYPES), default=None,
+              help=f"the text encoder's weights dtype (default: {QUANT_BASE} with a quantized --dtype, else --dtype)")
 @click.option("--mesh", default="1", show_default=True, help="target mesh for the chunk layout, e.g. fsdp=8")
 @click.option("--force", is_flag=True, help="replace an existing checkpoint at OUTPUT")
 @click.option("--threads", type=click.IntRange(1, 64), default=None, help=f"default {default_threads()}")
@@ -111,8 +115,8 @@ def _source_options(f):
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @_lora_options(merging=True)
 @_source_options
-def convert_cmd(source, output, weights_dtype, mesh, force, threads, revision, then_verify, no_hash, only, fsync, quiet, debug,
-                lora, lora_2, lora_ignore_unknown, **flags):
+def convert_cmd(source, output, weights_dtype, text_encoder_dtype, mesh, force, threads, revision, then_verify, no_hash,
+                only, fsync, quiet, debug, lora, lora_2, lora_ignore_unknown, **flags):
     """Convert SOURCE (a diffusers repository, a single-file transformer, or an original Wan-AI folder)
     into a checkpoint at OUTPUT."""
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -122,7 +126,7 @@ def convert_cmd(source, output, weights_dtype, mesh, force, threads, revision, t
         s = convert(source, output, weights_dtype=weights_dtype, mesh=mesh, force=force, threads=threads,
                     progress=not quiet and sys.stderr.isatty(), revision=revision, hash_source=not no_hash,
                     only=[c.strip() for c in only.split(",")] if only else None, fsync=fsync, loras=loras,
-                    sources=sources)
+                    sources=sources, text_encoder_dtype=text_encoder_dtype)
         click.echo(s.line())
         if then_verify:
             n = verify(s.output, source, threads=threads or default_threads(), loras=loras, sources=sources)

@@ -9,6 +9,14 @@ writes its chunks and drops the source pages it read. At most ``2 * threads`` un
 bounded by a few units, not by the model. A LoRA merge (``loras``: ``--lora`` / ``--lora-2``) makes each layer
 it touches one unit that computes that layer's float32 sum ``W + s * up @ down`` (a few layer-sized float32
 arrays per running thread: measured ~1.6 GB more at 4 threads on 14B-sized layers, about 0.4 GB per thread).
+A quantized checkpoint (``weights_dtype`` float8_e4m3fn or int8: ``format.QUANT_DTYPES``) stores the
+transformer blocks' 2-D weights through a :class:`~wan_convert.transforms.Quantize` last step. Its scale
+leaf ``<weight>_scale`` (a target of its own, for ``verify``) has no units: each unit of the weight also
+writes the scale chunks of its layer from the same value (``_Unit.also``; the rows it quantized are
+remembered, so the layer is read and quantized once). A unit always holds whole rows: the value handed to
+the last transform is the whole layer, and a leaf with such a sibling is never split into row ranges.
+The text encoder is stored in ``text_encoder_dtype`` (default bfloat16 when quantizing), the other
+components by the usual rule for ``format.QUANT_BASE``.
 
 Atomicity: everything is written into a hidden sibling of OUTPUT and renamed into place at the end; an
 existing OUTPUT is replaced only with ``force`` and only after the new checkpoint is complete.
@@ -41,7 +49,7 @@ from wan_runtime.errors import one_line
 from . import __version__
 from .mapping import Target, Transforms, plan
 from .source import SIDE_FOLDERS, Component, Repo, SourceError, SourceOptions, resolve
-from .transforms import with_loras
+from .transforms import Quantize, with_loras
 
 try:  # hardware crc32c (SSE4.2 / ARMv8); without it TensorStore encodes the chunks
     from crc32c import crc32c as _crc32c
@@ -110,6 +118,7 @@ class _Unit:
     layer: int  # index into target.sources
     rows: slice  # along the first axis of one layer of the leaf
     nbytes_in: int
+    also: tuple["_Unit", ...] = ()  # the same layer and rows of the sibling leaves of ``target`` (its scales)
 
     @property
     def last(self) -> bool:
@@ -134,13 +143,18 @@ class _Buffers(threading.local):
         return buf
 
 
-def _units(target: Target, array, folder: pathlib.Path, chunks: tuple[int, ...]) -> list[_Unit]:
+def _units(target: Target, array, folder: pathlib.Path, chunks: tuple[int, ...], siblings=()) -> list[_Unit]:
+    """The units of a target; ``siblings``: (target, chunks, array) of the leaves its last transform also
+    fills, written by the same units (a sibling's chunk may span rows of several row ranges: no split)."""
     leaf = target.leaf
     if target.stacked:
         per = target.sources[0].nbytes if target.sources[0] else 0
-        return [_Unit(target, array, folder, chunks, i, slice(None), per) for i in range(len(target.sources))]
-    if not leaf.shape or not target.splittable:
-        return [_Unit(target, array, folder, chunks, 0, slice(None), target.in_bytes)]
+        return [_Unit(target, array, folder, chunks, i, slice(None), per,
+                      tuple(_Unit(t, a, folder, c, i, slice(None), 0) for t, c, a in siblings))
+                for i in range(len(target.sources))]
+    if not leaf.shape or not target.splittable or siblings:
+        return [_Unit(target, array, folder, chunks, 0, slice(None), target.in_bytes,
+                      tuple(_Unit(t, a, folder, c, 0, slice(None), 0) for t, c, a in siblings))]
     rows, step = leaf.shape[0], max(1, chunks[0])
     out = []
     for r0 in range(0, rows, step):
@@ -150,13 +164,16 @@ def _units(target: Target, array, folder: pathlib.Path, chunks: tuple[int, ...])
 
 
 def _run_unit(u: _Unit, comp: Component, buffers: _Buffers) -> int:
-    """One unit: its target's transforms, then each chunk stored (cast) into a reused buffer and written."""
+    """One unit: its target's transforms, then each chunk stored (cast) into a reused buffer and written;
+    then the same for its siblings' chunks (``also``), from the same value."""
     tgt = u.target
     x = tgt.value(u.layer, comp.array)
-    if not tgt.leaf.shape or _crc32c is None:  # generic path: TensorStore encodes and writes
-        written = _write_tensorstore(u, x, buffers)
-    else:
-        written = _write_chunks(u, x, buffers)
+    written = 0
+    for v in (u, *u.also):
+        if not v.target.leaf.shape or _crc32c is None:  # generic path: TensorStore encodes and writes
+            written += _write_tensorstore(v, x, buffers)
+        else:
+            written += _write_chunks(v, x, buffers)
     if u.last:
         for name in tgt.names(u.layer):
             comp.release(name)
@@ -415,7 +432,8 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
             force: bool = False, threads: int | None = None, progress: bool = False, revision: str | None = None,
             hash_source: bool = True, only: list[str] | None = None, fsync: bool = False,
             transforms: Transforms | None = None, loras: Mapping[str, Sequence] | None = None,
-            lora_ignore_unknown: bool = False, sources: SourceOptions | None = None) -> Summary:
+            lora_ignore_unknown: bool = False, sources: SourceOptions | None = None,
+            text_encoder_dtype: str | None = None) -> Summary:
     """Convert SOURCE (local diffusers repo or hub id; a single-file transformer or an original Wan-AI folder,
     with ``sources`` saying where it takes what it lacks: ``wan_convert.original``) into a checkpoint at
     OUTPUT. Returns a summary.
@@ -427,10 +445,11 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
     anything torn at restore either way. ``transforms`` edits each target's transforms (see
     ``wan_convert.mapping.plan``); ``verify`` needs the same to compare with the source. ``loras``
     ({"transformer" / "transformer_2": ["FILE[:STRENGTH]" or ``lora.Lora``, ...]}) are merged into those
-    weights in order, in float32 before the cast (:func:`read_loras`); the manifest records them."""
+    weights in order, in float32 before the cast (:func:`read_loras`); the manifest records them.
+    ``weights_dtype`` float8_e4m3fn / int8 quantizes the transformer blocks' 2-D weights (module doc);
+    ``text_encoder_dtype`` (default: bfloat16 then, else ``weights_dtype``) is the text encoder's."""
     t0 = time.perf_counter()
-    if weights_dtype not in fmt.WEIGHT_DTYPES:
-        raise ValueError(f"--dtype: unsupported weights dtype {weights_dtype!r} ({', '.join(fmt.WEIGHT_DTYPES)})")
+    dtype_of = component_dtypes(weights_dtype, text_encoder_dtype)
     merged = read_loras(loras, lora_ignore_unknown)
     mesh_shape = sharding.parse_mesh(mesh)
     threads = threads or default_threads()
@@ -443,7 +462,7 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
     opened = {c: repo.component(c) for c in components}
     try:
         family = _family(repo, opened)
-        trees = {c: _component_tree(repo, c, comp.config, weights_dtype) for c, comp in opened.items()}
+        trees = {c: _component_tree(repo, c, comp.config, dtype_of(c)) for c, comp in opened.items()}
         _check_loras(repo, merged, trees)
         hook = with_loras(merged, transforms) if merged else transforms
         plans = {c: plan(c, comp.tensors, trees[c], hook) for c, comp in opened.items()}
@@ -457,6 +476,7 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
                 source={"id": repo.source_id, "revision": repo.revision, "files": hashes() if hashes else None},
                 mesh=sharding.format_mesh(mesh_shape), sharding_rules=sharding.DEFAULT_RULES, trees=trees,
                 partial=bool(only), model_index=repo.model_index)
+            _record_dtypes(manifest, weights_dtype, {c: dtype_of(c) for c in trees})
             if merged:
                 manifest["loras"] = {c: [lo.record() for lo in los] for c, los in merged.items()}
             _write_text(tmp / fmt.MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -467,9 +487,35 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
     finally:
         for comp in opened.values():
             comp.close()
-    total_in = sum(t.in_bytes for p in plans.values() for t in p)
+    total_in = sum(t.in_bytes for p in plans.values() for t in p if not t.output)  # a sibling shares its weight's
     return Summary(output, family, total_in, written, time.perf_counter() - t0, sum(len(p) for p in plans.values()),
                    sum(len(los) for los in merged.values()))
+
+
+def component_dtypes(weights_dtype: str, text_encoder_dtype: str | None = None):
+    """``component -> the weights dtype its tree is built with``: ``weights_dtype``, except the text
+    encoder's ``text_encoder_dtype`` (default: ``format.QUANT_BASE`` for a quantized ``weights_dtype``,
+    else ``weights_dtype``). ValueError for a dtype that is not one of the format's."""
+    if weights_dtype not in fmt.STORAGE_DTYPES:
+        raise ValueError(f"--dtype: unsupported weights dtype {weights_dtype!r} ({', '.join(fmt.STORAGE_DTYPES)})")
+    if text_encoder_dtype is not None and text_encoder_dtype not in fmt.WEIGHT_DTYPES:
+        raise ValueError(f"--text-encoder-dtype: unsupported dtype {text_encoder_dtype!r} "
+                         f"({', '.join(fmt.WEIGHT_DTYPES)})")
+    quantized = weights_dtype in fmt.QUANT_DTYPES
+    text = text_encoder_dtype or (fmt.QUANT_BASE if quantized else weights_dtype)
+    return lambda component: text if component == "text_encoder" else weights_dtype
+
+
+def _record_dtypes(manifest: dict, weights_dtype: str, dtypes: Mapping[str, str]) -> None:
+    """The manifest's ``dtype_policy``: ``components`` for a component stored in another dtype than
+    ``weights`` (``format.component_dtype`` reads it), ``quantization`` for a quantized checkpoint."""
+    policy = manifest["dtype_policy"]
+    other = {c: d for c, d in dtypes.items() if d != weights_dtype}
+    if other:
+        policy["components"] = other
+    if weights_dtype in fmt.QUANT_DTYPES:
+        policy["quantization"] = Quantize.record(weights_dtype)
+    fmt.check_manifest(manifest)
 
 
 def read_loras(loras: Mapping[str, Sequence] | None, ignore_unknown: bool = False) -> dict[str, tuple]:
@@ -564,8 +610,11 @@ def _write_arrays(tmp: pathlib.Path, plans: dict[str, list[Target]], opened: dic
         folder = tmp / c
         with _writing(folder):
             folder.mkdir()
-        for t, chunks, arr in _open_outputs(folder, targets, mesh_shape, ctx):
-            units.extend((u, opened[c]) for u in _units(t, arr, folder, chunks))
+        outputs = {t.path: (t, chunks, arr) for t, chunks, arr in _open_outputs(folder, targets, mesh_shape, ctx)}
+        for t, chunks, arr in outputs.values():
+            if not t.output:  # a sibling leaf is written by its weight's units
+                siblings = [outputs[p] for p in t.sibling_paths]
+                units.extend((u, opened[c]) for u in _units(t, arr, folder, chunks, siblings))
     units.sort(key=lambda x: -x[0].nbytes_in)  # largest first keeps both threads busy to the end
     bar = _Progress(sum(u.nbytes_in for u, _ in units), progress)
     try:

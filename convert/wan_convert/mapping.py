@@ -14,7 +14,8 @@ diffusers' names: :mod:`wan_convert.original` renames their tensors with the ``O
 
 Each target carries its transforms (:mod:`wan_convert.transforms`): today a :class:`Squeeze` where the
 source has size-one axes the leaf drops (``gamma`` (C,1,1,1) -> (C,), ``scale_shift_table`` (1,6,D) ->
-(6,D)) and the final :class:`Cast`; linear weights keep torch's (out, in) layout, so conversion is a
+(6,D)) and the final :class:`Cast` (a :class:`Quantize` for a leaf the tree declares quantized, which
+also fills its ``<path>_scale`` sibling); linear weights keep torch's (out, in) layout, so conversion is a
 pure stacking copy with a fused cast. :func:`plan` fails on any source key not consumed, target leaf
 not produced, missing layer, or shape that does not match the runtime's tree.
 """
@@ -28,10 +29,10 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from wan_runtime import names
-from wan_runtime.format import WEIGHT_DTYPES, Leaf, flatten, np_dtype
+from wan_runtime.format import QUANT_DTYPES, WEIGHT_DTYPES, Leaf, flatten, np_dtype
 
 from .source import SourceError, TensorInfo, label
-from .transforms import Cast, Squeeze, Transform
+from .transforms import Cast, Quantize, Squeeze, Transform
 
 #: source dtypes a weight may have (integer or bool tensors are never Wan weights: casting them would be silent garbage)
 FLOAT_DTYPES = frozenset({"float64", *WEIGHT_DTYPES})
@@ -134,6 +135,11 @@ class Target:
         """Whether a layer may be converted in row ranges (every step before the store is a view)."""
         return all(t.view for t in self.transforms[:-1])
 
+    @property
+    def sibling_paths(self) -> list[str]:
+        """The leaves the last transform fills besides this one (``<path>_<output>``; none for a sibling)."""
+        return [] if self.output else [f"{self.path}_{o}" for o in self.transforms[-1].outputs]
+
     def names(self, layer: int) -> list[str]:
         """The source tensors one layer reads: its own and the transforms' inputs."""
         name = self.sources[layer].name
@@ -227,10 +233,12 @@ def _squeeze(shape) -> tuple[int, ...]:
 
 
 def _chain(component: str, tgt: Target, edit: Transforms | None) -> None:
-    """A target's transforms: Squeeze where a source's shape differs from the leaf's, then the Cast."""
+    """A target's transforms: Squeeze where a source's shape differs from the leaf's, then the Cast, or
+    the Quantize of a leaf the tree declares quantized (its ``_scale`` sibling gets the chain in :func:`_link`)."""
     want = tgt.layer_shape
     steps: list[Transform] = [Squeeze(want)] if any(s is not None and s.shape != want for s in tgt.sources) else []
-    tgt.transforms = [*steps, Cast(tgt.leaf.dtype)]
+    last = Quantize(tgt.leaf.dtype) if tgt.leaf.dtype in QUANT_DTYPES else Cast(tgt.leaf.dtype)
+    tgt.transforms = [*steps, last]
     if edit is not None:
         tgt.transforms = list(edit(component, tgt))
         if not tgt.transforms:

@@ -20,16 +20,26 @@ A new transform is one class:
   targets a LoRA of nonzero strength touches: every other target keeps its plain chain, bit for bit;
 - a quantizer is a last step: :meth:`Transform.store` writes the quantized values, and with
   ``outputs = ("scale",)`` the per-channel scales into the sibling leaf ``<path>_scale`` (a target of
-  its own with the same sources and transforms and ``output="scale"``).
+  its own with the same sources and transforms and ``output="scale"``). :class:`Quantize` is the one
+  ``wan-convert --dtype float8_e4m3fn|int8`` puts last in the chain of every leaf the runtime's tree
+  declares quantized (after a :class:`LoraMerge`: the float32 sum is quantized). Its rule is
+  ``wan_runtime.quant.quantize_np``, which needs whole rows (the absmax of a row over its input axis):
+  ``store`` is handed the whole layer ``x`` whatever its region, so a region that splits the columns
+  (a chunk of a leaf sharded along its input axis) quantizes the region's whole rows and keeps its columns.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import threading
+import weakref
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
+from wan_runtime import format as fmt
 from wan_runtime import lora as lora_lib
+from wan_runtime import quant
 
 if TYPE_CHECKING:  # mapping imports this module
     from .mapping import Target, Transforms
@@ -95,6 +105,72 @@ class LoraMerge(Transform):
         if not lora_lib.touches(self.path, layer, self.loras):
             return x
         return lora_lib.merge(self.path, layer, x, self.loras)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantize(Transform):
+    """The last step of a quantized leaf (``format.QUANT_DTYPES``): ``wan_runtime.quant.quantize_np`` of the
+    layer (symmetric absmax per output row, round to nearest even, saturating), the values into the leaf
+    and, for ``output="scale"``, the float32 scales into ``<path>_scale`` (see the module doc)."""
+
+    dtype: str
+    outputs = ("scale",)  # a class attribute, not a field
+
+    #: the most float32 bytes of the layer one ``quantize_np`` call sees: its temporaries stay in cache
+    #: (measured on 8960 x 1536: 1 MiB blocks quantize 2x faster than 32 MiB ones, e4m3 ~1 GB/s per thread)
+    BLOCK_BYTES = 1 << 20
+
+    def store(self, out: np.ndarray, x: np.ndarray, region, output: str = "") -> None:
+        if output not in ("", "scale"):
+            raise ValueError(f"Quantize has no output {output!r}")
+        if x.ndim < 2:
+            raise ValueError(f"Quantize needs a weight of at least 2 axes (rows, in), got shape {x.shape}")
+        region = region if isinstance(region, tuple) else ()  # ... : the whole layer
+        rows = region[0] if region else slice(None)
+        q, scale = _quantized_rows(x, rows, self.dtype, self.BLOCK_BYTES, values=not output)
+        np.copyto(out, (scale if output else q)[(slice(None), *region[1:])])
+
+    @staticmethod
+    def record(dtype: str) -> dict:
+        """The manifest's ``dtype_policy.quantization`` for a checkpoint quantized to ``dtype``."""
+        return {"dtype": dtype, "scheme": "symmetric absmax per output channel", "max": fmt.QUANT_DTYPES[dtype],
+                "rounding": "nearest even, saturating", "scale": "<weight>_scale float32",
+                "rule": "wan_runtime.quant.quantize_np"}
+
+
+#: per thread, the rows of one layer already quantized: the chunks of a unit that split the columns share
+#: their rows, and the scales' chunks (written by the same unit) the weight's rows
+_MEMO = threading.local()
+
+
+def _quantized_rows(x: np.ndarray, rows: slice, dtype: str, block_bytes: int,
+                    values: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+    """(q, scale) of the whole rows ``rows`` of ``x`` (q None if not ``values`` and not known), remembered
+    while this thread sees the same array (held weakly: forgotten when ``x`` dies, so at most one layer)."""
+    memo = _MEMO.__dict__
+    ref = memo.get("ref")
+    if ref is None or ref() is not x or memo["how"] != (dtype, block_bytes):
+        memo.clear()
+        memo.update(ref=weakref.ref(x, lambda _, m=memo: m.clear()), how=(dtype, block_bytes), rows={})
+    key = rows.indices(x.shape[0])[:2]
+    hit = memo["rows"].get(key)
+    if hit is None or (values and hit[0] is None):
+        hit = memo["rows"][key] = _quantize_blocks(x[rows], dtype, block_bytes, values)
+    return hit
+
+
+def _quantize_blocks(w: np.ndarray, dtype: str, block_bytes: int,
+                     values: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+    """``quant.quantize_np(w)`` computed a block of whole rows at a time (the rule is per row: same bits);
+    without ``values`` only the scales are kept."""
+    step = max(1, block_bytes // (4 * max(1, math.prod(w.shape[1:]))))
+    q = np.empty(w.shape, fmt.np_dtype(dtype)) if values else None
+    scale = np.empty(w.shape[:-1], np.float32)
+    for r in range(0, w.shape[0], step):
+        block_q, scale[r:r + step] = quant.quantize_np(w[r:r + step], dtype)
+        if q is not None:
+            q[r:r + step] = block_q
+    return q, scale
 
 
 def with_loras(loras: Mapping[str, Sequence[lora_lib.Lora]], edit: "Transforms | None" = None) -> "Transforms":

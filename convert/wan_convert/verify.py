@@ -3,7 +3,9 @@
 The comparison replays each target's transforms (``Target.layer``: the same code the converter runs),
 so whatever a transform does to a weight, verify expects exactly that. A checkpoint with LoRAs merged
 (its manifest's "loras") is compared with the merge replayed: the LoRA files are given again (``loras``,
-``--lora`` / ``--lora-2``), each checked against the sha256 the manifest records."""
+``--lora`` / ``--lora-2``), each checked against the sha256 the manifest records. A quantized checkpoint's
+values and scales (``<weight>_scale``, targets of their own) are compared with the same rule applied to the
+source (``wan_runtime.quant.quantize_np``, through the :class:`~wan_convert.transforms.Quantize` step)."""
 from __future__ import annotations
 
 import hashlib
@@ -78,7 +80,6 @@ def verify(output: str | pathlib.Path, source: str | None = None, threads: int =
     was given, for a single-file or original Wan-AI source). Returns the number of arrays compared with the source (0 without one). Raises VerifyError."""
     root = pathlib.Path(output)
     manifest = fmt.read_manifest(root)
-    weights_dtype = manifest["dtype_policy"]["weights"]
     ctx = fmt.ts_context(threads)
     repo = resolve(source, options=sources) if source else None
     merged = merged_loras(manifest, loras) if repo is not None or loras else {}
@@ -87,7 +88,7 @@ def verify(output: str | pathlib.Path, source: str | None = None, threads: int =
     for component in manifest["components"]:
         cfg = fmt.read_json(root / component / "config.json", VerifyError)
         try:
-            tree = fmt.component_tree(component, cfg, weights_dtype)
+            tree = fmt.component_tree(component, cfg, fmt.component_dtype(manifest["dtype_policy"], component))
         except fmt.FormatError as e:
             raise VerifyError(f"{root / component / 'config.json'}: {e}") from None
         arrays = check_tree(root, component, tree, ctx)

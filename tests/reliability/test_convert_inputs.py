@@ -286,7 +286,7 @@ def test_output_parent_is_a_file(tiny_repos, tmp_path):
     (["--mesh", "pipeline=2"], ["--mesh", "pipeline"]),
     (["--only", "transformer,unet"], ["--only", "unet"]),
     (["--threads", "0"], ["--threads"]),
-    (["--dtype", "int8"], ["--dtype", "int8"]),
+    (["--dtype", "int4"], ["--dtype", "int4"]),
     (["--bogus"], ["--bogus"]),
 ], ids=["mesh-unreadable", "mesh-zero", "mesh-axis", "only-unknown", "threads-zero", "dtype", "unknown-flag"])
 def test_bad_flags(args, needles, tiny_repos, tmp_path):
