@@ -67,13 +67,17 @@ PARITY = [
     ("LoRAs (diffusers/PEFT, PEFT metadata alpha, original Wan with .alpha and .diff_b, kohya; two stacked; one per Wan "
      "2.2 expert), applied at load and merged at conversion: frames", "diffusers `load_lora_weights` + `fuse_lora`",
      ["lora/*/at_load/frames_max_abs", "lora/*/merged/frames_max_abs"], "max abs"),
+    ("quantized block matmul, float8_e4m3fn and int8 weights with per-channel scales, random data",
+     "the float32 matmul (the issue's bounds: 3e-2, 1e-2)", ["quant/matmul_rel_error/*"], "relative L2"),
     ("`--offload` encoders, experts, all: device bytes freed during each denoise step (`jax.live_arrays()`), "
      "output bitwise equal", "the offloaded weights' bytes, exactly", ["optimization/offload_*"], "bytes"),
 ]
 #: (what, key patterns): bf16 against float32, PSNR of uint8 frames
 BF16 = [("bf16 checkpoint + compute (`dtype=\"bfloat16\"`, the GPU/TPU default) vs float32, uint8 frames, every "
          "family", ["bf16/wan*psnr_db"]),
-        ("bf16 dtypes (`Dtypes()`) vs float32 (`test_optimizations`)", ["optimization/dtypes/default*"])]
+        ("bf16 dtypes (`Dtypes()`) vs float32 (`test_optimizations`)", ["optimization/dtypes/default*"]),
+        ("transformer blocks quantized at load (e4m3, int8; float32 compute) vs float32 (`test_quant`)",
+         ["quant/at_load_psnr_db/*"])]
 
 
 def _matching(measured: dict, patterns) -> list[tuple[str, float]]:
