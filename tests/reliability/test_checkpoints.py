@@ -3,6 +3,7 @@ manifest of another format version or family, a partial checkpoint; a flipped by
 chunk file that restore maps into memory (the path real weight matrices take). wan-run, the Python API
 (``WanPipeline.from_converted``) and ``wan-convert verify`` name the file or array; nothing is silent."""
 import json
+import pathlib
 import shutil
 
 import numpy as np
@@ -208,12 +209,13 @@ def map_calls(monkeypatch):
     calls, real = {}, C._map_chunk
 
     def spy(file, dest):
+        key = pathlib.Path(file)
         try:
-            calls[file] = real(file, dest)
+            calls[key] = real(file, dest)
         except C._ChunkError as e:
-            calls[file] = str(e)
+            calls[key] = str(e)
             raise
-        return calls[file]
+        return calls[key]
 
     monkeypatch.setattr(C, "_map_chunk", spy)
     return calls
