@@ -82,28 +82,38 @@ def test_tree_matches_runtime_abstract_tree(converted):
             assert got == want, (family, component)
 
 
-def test_sharded_layout_and_plain_orbax_restore(tiny_repos, tmp_path):
+def test_sharded_layout_and_plain_orbax_restore(tiny_repos, tmp_path, monkeypatch):
+    """Chunks are the shards of the --mesh, one layer deep, or every layer deep for a leaf whose layer is
+    under SMALL_LAYER_CHUNK (here 1 KiB, so the tiny model has both kinds, as a real one does); plain
+    Orbax restores the checkpoint, numpy and sharded."""
     import jax
     import orbax.checkpoint as ocp
 
     assert len(jax.devices()) == 8, "conftest should provide 8 simulated CPU devices"
     src = tiny_repos["wan2.1-t2v"]
+    monkeypatch.setattr(sharding, "SMALL_LAYER_CHUNK", 1024)  # the tiny matrices (>= 1152 B a layer) stay a layer deep
     out = convert(str(src), tmp_path / "ck8", mesh="fsdp=4,tensor=2").output
     assert fmt.read_manifest(out)["mesh"] == "data=1,fsdp=4,context=1,tensor=2"
     mesh_shape = sharding.parse_mesh("fsdp=4,tensor=2")
     mesh = sharding.make_mesh(mesh_shape)
     cfg = json.loads((out / "transformer" / "config.json").read_text())
     tree = fmt.component_tree("transformer", cfg)
-    sharded = 0
+    sharded, depth = 0, {1: 0, 2: 0}
     for path, leaf in fmt.flatten(tree).items():
         zarr = json.loads((out / "transformer" / path / "zarr.json").read_text())
         chunk = tuple(zarr["chunk_grid"]["configuration"]["chunk_shape"])
         s = sharding.named_sharding(mesh, leaf.shape, leaf.axes)
         shard = s.shard_shape(leaf.shape)
-        expect = tuple(1 if a == "layers" else d for a, d in zip(leaf.axes, shard))
+        small = np.prod(leaf.shape[1:]) * fmt.np_dtype(leaf.dtype).itemsize < 1024
+        expect = tuple(1 if a == "layers" and not small else d for a, d in zip(leaf.axes, shard))
         assert chunk == expect, path
         sharded += shard != leaf.shape
+        if leaf.axes[:1] == ("layers",):
+            depth[chunk[0]] += 1
+            files = [f for f in (out / "transformer" / path / "c").rglob("*") if f.is_file()]
+            assert len(files) == np.prod([-(-n // c) for n, c in zip(leaf.shape, chunk)]), path
     assert sharded >= 10  # the attention / FFN weights really are split (measured: 25 leaves)
+    assert depth == {1: 10, 2: 17}, depth  # 10 matrices a layer deep; biases, norms, scale_shift_table: both layers
     # plain orbax: numpy restore without a target, and a sharded restore with one
     restored = ocp.PyTreeCheckpointer().restore(out / "transformer")
     w = restored["blocks"]["attn1"]["to_q"]["weight"]
@@ -116,6 +126,66 @@ def test_sharded_layout_and_plain_orbax_restore(tiny_repos, tmp_path):
     q = arrays["blocks"]["attn1"]["to_q"]["weight"]
     assert q.sharding.spec == target["blocks"]["attn1"]["to_q"]["weight"].sharding.spec
     assert np.array_equal(np.asarray(q).view(np.uint16), np.asarray(w).view(np.uint16))
+
+
+def test_small_stacked_leaves_are_one_chunk_across_layers():
+    """``sharding.chunk_shape`` on the 1.3B shapes: a stacked leaf whose layer is under SMALL_LAYER_CHUNK
+    (biases, norms, modulation tables, quantized weights' scales) has every layer in each chunk, so one file
+    per shard; a weight matrix stays one layer deep, in bf16 and in float8 (2.25 MiB a layer); the other axes
+    are chunked as the mesh shards them either way."""
+    one, tp = sharding.parse_mesh(None), sharding.parse_mesh("tensor=8")
+    w, b = ("layers", "heads", "embed"), ("layers", "heads")
+    assert sharding.SMALL_LAYER_CHUNK == 1 << 20
+    assert sharding.chunk_shape((30, 1536), b, one, 2) == (30, 1536)  # a bias
+    assert sharding.chunk_shape((30, 6, 1536), ("layers", None, "embed"), one, 4) == (30, 6, 1536)
+    assert sharding.chunk_shape((30, 8960), ("layers", "mlp"), one, 4) == (30, 8960)  # fc_in.weight_scale
+    assert sharding.chunk_shape((30, 1536, 1536), w, one, 2) == (1, 1536, 1536)
+    assert sharding.chunk_shape((30, 1536, 1536), w, one, 1) == (1, 1536, 1536)  # float8: 2.25 MiB a layer
+    assert sharding.chunk_shape((30, 8960), ("layers", "mlp"), tp, 4) == (30, 1120)  # a shard's part of every layer
+    assert sharding.chunk_shape((30, 1536, 1536), w, tp, 1) == (1, 192, 1536)  # the whole layer decides, not a shard
+    # just under / at the threshold
+    rows = sharding.SMALL_LAYER_CHUNK // (4 * 1024)
+    assert sharding.chunk_shape((40, rows - 1, 1024), w, one, 4)[0] == 40
+    assert sharding.chunk_shape((40, rows, 1024), w, one, 4)[0] == 1
+    # a small leaf of so many layers that one chunk would pass target_bytes: rows of layers, as many in each
+    # (11 would do, 20 divides 100: no padded last row); a weight's rows split anywhere (a padded edge chunk)
+    assert sharding.chunk_shape((100, 1000), b, one, 1000, target_bytes=10 << 20) == (20, 1000)
+    assert sharding.chunk_shape((1, 100, 1 << 20), w, one, 1, target_bytes=10 << 20) == (1, 10, 1 << 20)
+    assert sharding.chunk_shape((1, 100, 1 << 20), w, one, 1, target_bytes=12 << 20) == (1, 12, 1 << 20)
+
+
+def test_old_per_layer_checkpoint_restores(tiny_repos, converted, tmp_path):
+    """A checkpoint written before small leaves were chunked across layers (every stacked leaf a layer deep):
+    its zarr.json says so, and restore (direct reader and TensorStore) reads it with the same bits."""
+    import jax
+    import tensorstore as ts
+
+    from wan_runtime import checkpoint as C
+
+    new = converted["wan2.1-t2v"]
+    old = pathlib.Path(shutil.copytree(new, tmp_path / "old"))
+    folder = old / "transformer"
+    cfg = json.loads((folder / "config.json").read_text())
+    rewritten = 0
+    for path, leaf in fmt.flatten(fmt.component_tree("transformer", cfg)).items():
+        meta = json.loads((folder / path / "zarr.json").read_text())
+        chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        if leaf.axes[:1] == ("layers",) and chunk[0] > 1:
+            value = _read(folder, path)
+            shutil.rmtree(folder / path)
+            ts.open(fmt.zarr_spec(folder, path, leaf, (1, *chunk[1:])), create=True).result().write(value).result()
+            assert len(list((folder / path / "c").iterdir())) == leaf.shape[0]
+            rewritten += 1
+    assert rewritten == 27  # every stacked leaf of the tiny model is small
+    assert fmt.read_manifest(old)["format_version"] == fmt.read_manifest(new)["format_version"]
+    one = sharding.make_mesh(sharding.parse_mesh(None), jax.devices()[:1])
+    want = fmt.flatten(C.restore_component(C.open_checkpoint(new), "transformer", one))
+    for mesh in (one, sharding.make_mesh(sharding.parse_mesh("fsdp=4,tensor=2"))):
+        for direct in (True, False):
+            got = fmt.flatten(C.restore_component(C.open_checkpoint(old), "transformer", mesh, direct=direct))
+            for path, x in want.items():
+                assert np.array_equal(np.asarray(got[path]).view(np.uint8), np.asarray(x).view(np.uint8)), path
+    assert verify(old, str(tiny_repos["wan2.1-t2v"])) > 0
 
 
 def test_refuses_existing_output_without_force(tiny_repos, tmp_path):

@@ -235,13 +235,17 @@ def test_store_quantizes_whole_rows_for_any_region(dtype, monkeypatch):
         step.store(scale, w, ..., "zero")
 
 
-def test_each_row_is_quantized_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("small", [sharding.SMALL_LAYER_CHUNK, 512])
+def test_each_row_is_quantized_once(small, tmp_path, monkeypatch):
     """On tensor=2,fsdp=4 (chunks that split rows and columns; the scales' chunks written by the weight's
-    units from the same value) the converter hands every row of every quantized layer to the rule once."""
+    units from the same value) the converter hands every row of every quantized layer to the rule once:
+    with the tiny weights small (both layers in one unit, the scales from the same values) and a layer
+    deep (``small`` 512 B: the scales, chunked over both layers, gathered from the two layers' units)."""
     import threading
 
     from wan_runtime import quant
 
+    monkeypatch.setattr(sharding, "SMALL_LAYER_CHUNK", small)
     rows, lock, rule_np = [0], threading.Lock(), quant.quantize_np
 
     def counting(w, dtype):
@@ -257,21 +261,65 @@ def test_each_row_is_quantized_once(tmp_path, monkeypatch):
     assert rows[0] == sum(leaves[p].shape[0] * leaves[p].shape[1] for p in SOURCE_NAMES)
     monkeypatch.undo()
     assert verify(ck, str(TINY)) > 0
+    for p in SOURCE_NAMES:  # the layout each case meant: weights a layer deep or not, scales over both layers
+        chunks = {q: json.loads((ck / "transformer" / q / "zarr.json").read_text())["chunk_grid"]["configuration"]
+                  ["chunk_shape"][0] for q in (p, f"{p}_scale")}
+        assert chunks == {p: 2 if small > 1024 else 1, f"{p}_scale": 2}, chunks
 
 
-def _alter_chunk(path: pathlib.Path) -> None:
+def test_layer_blocks_gathered_scales_and_edge_rows(tmp_path, monkeypatch):
+    """Any regular chunk grid converts: chunk rows of some of the layers (3 layers, small leaves 2 deep: the
+    second row padded), weights a layer deep whose rows are split in chunks of 4 (8 in float8) and whose
+    scales are gathered into rows of 2 layers: verify passes in bf16 and float8 and restore gives the
+    stored leaves on 1 and 8 devices."""
+    import make_synthetic_checkpoint as msc
+
+    from wan_runtime import checkpoint as C
+
+    monkeypatch.setitem(msc.MODELS, "blocks-test", dict(num_attention_heads=1, num_layers=3, ffn_dim=256))
+    src = msc.write(tmp_path / "src", "blocks-test")
+    real = sharding.chunk_shape
+
+    def chunk_shape(shape, axes, *args, **kwargs):
+        chunk = real(shape, axes, *args, **{**kwargs, "target_bytes": 1000})  # splits the weights' rows
+        return (2, *chunk[1:]) if axes[:1] == ("layers",) and chunk[0] == 3 else chunk
+
+    monkeypatch.setattr(sharding, "SMALL_LAYER_CHUNK", 4096)  # the 128 x 128 weights stay a layer deep
+    monkeypatch.setattr(sharding, "chunk_shape", chunk_shape)
+    for dtype in ("bfloat16", "float8_e4m3fn"):
+        ck = convert(str(src), tmp_path / dtype, weights_dtype=dtype, only=["transformer"], hash_source=False).output
+        assert verify(ck, str(src)) > 0
+        folder = ck / "transformer"
+        depth = {p: json.loads((folder / p / "zarr.json").read_text())["chunk_grid"]["configuration"]["chunk_shape"]
+                 for p in ("blocks.norm2.weight", "blocks.attn1.to_q.weight", "blocks.attn1.to_q.weight_scale")
+                 if (folder / p).exists()}
+        assert depth["blocks.norm2.weight"] == [2, 128]  # rows of 2 layers (3 -> 2 rows)
+        assert depth["blocks.attn1.to_q.weight"][:2] == [1, 4 if dtype == "bfloat16" else 8]
+        assert depth.get("blocks.attn1.to_q.weight_scale", [2])[0] == 2
+        stored = _arrays(ck, "transformer")
+        for mesh in ("1", "fsdp=4,tensor=2"):
+            restore_mesh = sharding.make_mesh(sharding.parse_mesh(mesh))
+            params, _ = C.restore(C.open_checkpoint(ck), ["transformer"], mesh=restore_mesh)
+            for path, x in fmt.flatten(params["transformer"]).items():
+                assert np.array_equal(_bits(np.asarray(x)), _bits(stored[path])), (dtype, mesh, path)
+
+
+def _alter_chunk(path: pathlib.Path, offset: int = 0) -> None:
     """Flip a byte of a chunk and write a valid crc32c: only the comparison with the source can tell."""
     from crc32c import crc32c
 
     data = bytearray(path.read_bytes()[:-4])
-    data[0] ^= 0x01
+    data[offset] ^= 0x01
     path.write_bytes(bytes(data) + struct.pack("<I", crc32c(bytes(data))))
 
 
 def test_verify_fails_on_an_altered_scale(tmp_path):
     ck = convert(str(TINY), tmp_path / "ck", weights_dtype="float8_e4m3fn", only=["transformer"],
                  hash_source=False).output
-    _alter_chunk(ck / "transformer" / "blocks.attn1.to_q.weight_scale" / fmt.chunk_key((1, 0)))
+    scale = ck / "transformer" / "blocks.attn1.to_q.weight_scale"
+    layers, out = json.loads((scale / "zarr.json").read_text())["chunk_grid"]["configuration"]["chunk_shape"]
+    assert layers == 2  # a small leaf: both layers in one chunk; layer 1 starts after layer 0's float32 scales
+    _alter_chunk(scale / fmt.chunk_key((0, 0)), offset=out * 4)
     assert verify(ck) == 0  # every chunk reads back: the damage is invisible without the source
     with pytest.raises(VerifyError, match=r"transformer/blocks.attn1.to_q.weight_scale layer 1: differs from source "
                                           r"tensor blocks.1.attn1.to_q.weight"):

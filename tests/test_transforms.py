@@ -1,5 +1,6 @@
 """Per-target transforms (wan_convert.transforms): applied in one place, replayed by verify; mapping tables
 that shadow a rule are refused when built."""
+import json
 import pathlib
 import struct
 
@@ -75,12 +76,12 @@ def _edit(component, target: Target):
     return steps
 
 
-def _alter_chunk(path: pathlib.Path) -> None:
+def _alter_chunk(path: pathlib.Path, offset: int = 0) -> None:
     """Flip a byte of a chunk and write a valid crc32c: only the comparison with the source can tell."""
     from crc32c import crc32c
 
     data = bytearray(path.read_bytes()[:-4])
-    data[0] ^= 0xFF
+    data[offset] ^= 0xFF
     path.write_bytes(bytes(data) + struct.pack("<I", crc32c(bytes(data))))
 
 
@@ -108,8 +109,10 @@ def test_verify_replays_the_transforms(tmp_path):
                                           r"blocks.0.attn1.to_q.weight"):
         verify(out, str(TINY))  # without the edit, verify expects the plain cast
     # a chunk of a squeezed leaf altered after conversion (its checksum still valid)
-    chunk = out / "transformer" / "blocks.scale_shift_table" / fmt.chunk_key((1, 0, 0))
-    _alter_chunk(chunk)
+    table = out / "transformer" / "blocks.scale_shift_table"
+    layers, *layer = json.loads((table / "zarr.json").read_text())["chunk_grid"]["configuration"]["chunk_shape"]
+    assert layers == 2  # a small leaf (sharding.SMALL_LAYER_CHUNK): both layers in one chunk, float32
+    _alter_chunk(table / fmt.chunk_key((0, 0, 0)), offset=4 * int(np.prod(layer)))  # layer 1's first byte
     assert verify(out) == 0  # every chunk reads back: the damage is invisible without the source
     with pytest.raises(VerifyError, match=r"transformer/blocks.scale_shift_table layer 1: differs from source "
                                           r"tensor blocks.1.scale_shift_table"):

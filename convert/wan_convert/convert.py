@@ -1,20 +1,28 @@
 """Convert a diffusers Wan repository into a wan-jax checkpoint (see wan_runtime.format).
 
-The work is a list of *units*: one layer of a stacked leaf, or one chunk-aligned row range of an
-unstacked leaf. A thread pool runs them; each unit applies its target's transforms (``Target.value``:
-views of the source mmap for today's Squeeze), and its last transform makes the single copy into a
-reused per-thread chunk buffer with the dtype cast fused in (``Target.store``: numpy casting,
-round-to-nearest-even for bfloat16, the same bits as torch's ``.to(torch.bfloat16)``); then the unit
-writes its chunks and drops the source pages it read. At most ``2 * threads`` units are in flight, so peak memory is
-bounded by a few units, not by the model. A LoRA merge (``loras``: ``--lora`` / ``--lora-2``) makes each layer
-it touches one unit that computes that layer's float32 sum ``W + s * up @ down`` (a few layer-sized float32
-arrays per running thread: measured ~1.6 GB more at 4 threads on 14B-sized layers, about 0.4 GB per thread).
+The work is a list of *units*: one chunk row of a stacked leaf along its layer axis (one layer; every
+layer of a small leaf, whose chunks hold them all: ``sharding.SMALL_LAYER_CHUNK``), or one chunk-aligned
+row range of an unstacked leaf. A thread pool runs them; each unit applies its target's transforms to
+each of its layers (``Target.value``: views of the source mmap for today's Squeeze), and its last
+transform makes the single copy into a reused per-thread chunk buffer with the dtype cast fused in
+(``Target.store``: numpy casting, round-to-nearest-even for bfloat16, the same bits as torch's
+``.to(torch.bfloat16)``), a layer at a time; then the unit writes its chunks and drops the source pages
+it read. At most ``2 * threads`` units are in flight, so peak memory is bounded by a few units (a layer;
+a small leaf's layers, stacked, then copied into its chunk: at most twice ``SMALL_LAYER_CHUNK`` times the
+layers), not by the model.
+A LoRA merge (``loras``: ``--lora`` / ``--lora-2``) makes the unit of each layer it touches compute that
+layer's float32 sum ``W + s * up @ down`` (a few layer-sized float32 arrays per running thread: measured
+~1.6 GB more at 4 threads on 14B-sized layers, about 0.4 GB per thread).
 A quantized checkpoint (``weights_dtype`` float8_e4m3fn or int8: ``format.QUANT_DTYPES``) stores the
 transformer blocks' 2-D weights through a :class:`~wan_convert.transforms.Quantize` last step. Its scale
-leaf ``<weight>_scale`` (a target of its own, for ``verify``) has no units: each unit of the weight also
-writes the scale chunks of its layer from the same value (``_Unit.also``; the rows it quantized are
-remembered, so the layer is read and quantized once). A unit always holds whole rows: the value handed to
-the last transform is the whole layer, and a leaf with such a sibling is never split into row ranges.
+leaf ``<weight>_scale`` (a target of its own, for ``verify``) has no units: the units of the weight fill it
+from the same values (the rows they quantized are remembered, so each layer is read and quantized once).
+Where the scale leaf is chunked like its weight (both small, or both a layer deep) each unit writes the
+same layers' scale chunks (``_Unit.also``); a weight a layer deep has small scales chunked over all its
+layers, so each unit stores its layer's scales into one buffer for the leaf (``_Gather``: under
+``SMALL_LAYER_CHUNK`` times the layers) and the unit that completes it writes the chunk, once. A unit
+always holds whole rows: the value handed to the last transform is the whole layer, and a leaf with such
+a sibling is never split into row ranges.
 The text encoder is stored in ``text_encoder_dtype`` (default bfloat16 when quantizing), the other
 components by the usual rule for ``format.QUANT_BASE``.
 
@@ -115,16 +123,63 @@ class _Unit:
     array: object  # tensorstore.TensorStore
     folder: pathlib.Path
     chunks: tuple[int, ...]
-    layer: int  # index into target.sources
+    layers: range  # indices into target.sources: one chunk row along the layer axis (range(1) if unstacked)
     rows: slice  # along the first axis of one layer of the leaf
     nbytes_in: int
-    also: tuple["_Unit", ...] = ()  # the same layer and rows of the sibling leaves of ``target`` (its scales)
+    also: tuple["_Unit", ...] = ()  # the same layers and rows of the sibling leaves of ``target`` (its scales)
+    gathers: tuple[tuple[int, "_Gather"], ...] = ()  # (layer, the chunk row of a sibling chunked deeper)
 
     @property
     def last(self) -> bool:
-        """Whether this unit is the last to read its layer's source tensors."""
+        """Whether this unit is the last to read its layers' source tensors."""
         shape = self.target.layer_shape
         return self.rows.stop is None or not shape or self.rows.stop >= shape[0]
+
+    @property
+    def depth(self) -> int:
+        """Layers per chunk of the leaf (1 if it is not stacked)."""
+        return max(1, self.chunks[0]) if self.target.stacked else 1
+
+
+class _Gather:
+    """One chunk row of a stacked leaf along its layer axis, assembled a layer at a time in one stacked
+    buffer and written when its last layer is in: the row of a small leaf (all its layers, in the unit
+    that converts them), or of the small ``<weight>_scale`` of a weight converted a layer per unit (each
+    of those units puts its layer, from the value it quantized). Under ``SMALL_LAYER_CHUNK`` times the
+    layers of memory, from the first layer in to the write."""
+
+    def __init__(self, unit: _Unit):
+        self.unit = unit  # the leaf's chunk row: its target, chunks and layers
+        self.left = len(unit.layers)
+        self.buf: np.ndarray | None = None
+        self.lock = threading.Lock()
+
+    def put(self, layer: int, x: np.ndarray, buffers: "_Buffers") -> int:
+        """Store ``layer`` of the row from that layer's value ``x`` (region by region of the leaf's chunks:
+        a quantizer sees the rows its weight's chunks saw); bytes written (by the last layer in)."""
+        tgt, first = self.unit.target, self.unit.layers.start
+        with self.lock:
+            if self.buf is None:
+                self.buf = np.empty((len(self.unit.layers), *tgt.layer_shape), fmt.np_dtype(tgt.leaf.dtype))
+            buf = self.buf
+        for _, region in _regions(tgt.layer_shape, self.unit.chunks[1:]):
+            tgt.store(buf[(layer - first, *region, ...)], x, region)  # a view, also of a 0-d layer
+        with self.lock:
+            self.left -= 1
+            if self.left:
+                return 0
+            self.buf = None
+        return _write(self.unit, lambda out, j, region: np.copyto(out, buf[j - first][region]), buffers)
+
+
+def _regions(shape: tuple[int, ...], per: tuple[int, ...], rows: slice = slice(None)):
+    """(chunk index, region) of each chunk of one layer of ``shape`` (chunks ``per``) that holds ``rows``."""
+    grid = [range(-(-n // c)) for n, c in zip(shape, per)]
+    if shape:
+        r0, r1, _ = rows.indices(shape[0])
+        grid[0] = range(r0 // per[0], -(-r1 // per[0]))
+    for idx in itertools.product(*grid):
+        yield idx, tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, per, shape))
 
 
 class _Buffers(threading.local):
@@ -144,83 +199,117 @@ class _Buffers(threading.local):
 
 
 def _units(target: Target, array, folder: pathlib.Path, chunks: tuple[int, ...], siblings=()) -> list[_Unit]:
-    """The units of a target; ``siblings``: (target, chunks, array) of the leaves its last transform also
-    fills, written by the same units (a sibling's chunk may span rows of several row ranges: no split)."""
-    leaf = target.leaf
+    """The units of a target: each chunk row of a stacked leaf along its layer axis (one layer, or every
+    layer of a small leaf: ``sharding.SMALL_LAYER_CHUNK``), else the whole leaf or its chunk-aligned row
+    ranges. ``siblings``: (target, chunks, array) of the leaves its last transform also fills, written by
+    the same units (:func:`_attach`; a sibling's chunk may span rows of several row ranges: no split)."""
+    leaf, n = target.leaf, len(target.sources)
     if target.stacked:
-        per = target.sources[0].nbytes if target.sources[0] else 0
-        return [_Unit(target, array, folder, chunks, i, slice(None), per,
-                      tuple(_Unit(t, a, folder, c, i, slice(None), 0) for t, c, a in siblings))
-                for i in range(len(target.sources))]
-    if not leaf.shape or not target.splittable or siblings:
-        return [_Unit(target, array, folder, chunks, 0, slice(None), target.in_bytes,
-                      tuple(_Unit(t, a, folder, c, 0, slice(None), 0) for t, c, a in siblings))]
-    rows, step = leaf.shape[0], max(1, chunks[0])
-    out = []
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        out.append(_Unit(target, array, folder, chunks, 0, slice(r0, r1), target.in_bytes * (r1 - r0) // max(rows, 1)))
+        depth = max(1, chunks[0])
+        out = [_Unit(target, array, folder, chunks, r, slice(None), sum(target.sources[i].nbytes for i in r))
+               for r in (range(s, min(n, s + depth)) for s in range(0, n, depth))]
+    elif not leaf.shape or not target.splittable or siblings:
+        out = [_Unit(target, array, folder, chunks, range(1), slice(None), target.in_bytes)]
+    else:
+        rows, step = leaf.shape[0], max(1, chunks[0])
+        out = [_Unit(target, array, folder, chunks, range(1), slice(r0, min(rows, r0 + step)),
+                     target.in_bytes * (min(rows, r0 + step) - r0) // max(rows, 1)) for r0 in range(0, rows, step)]
+    for sibling in siblings:
+        _attach(out, *sibling, folder)
     return out
+
+
+def _attach(units: list[_Unit], target: Target, chunks: tuple[int, ...], array, folder: pathlib.Path) -> None:
+    """Give the units of a weight its sibling leaf ``target`` (its scales): where the sibling's chunks hold
+    as many layers as the units do, each unit writes the same layers of it (``also``); else each layer goes
+    into a :class:`_Gather` of the sibling's chunk row, written once when all its layers are in."""
+    if not units:
+        return
+    n = len(target.sources)
+    depth = max(1, chunks[0]) if target.stacked else 1
+    if depth == units[0].depth:
+        for u in units:
+            u.also += (_Unit(target, array, folder, chunks, u.layers, slice(None), 0),)
+        return
+    rows = [_Gather(_Unit(target, array, folder, chunks, range(s, min(n, s + depth)), slice(None), 0))
+            for s in range(0, n, depth)]
+    for u in units:
+        u.gathers += tuple((j, rows[j // depth]) for j in u.layers)
 
 
 def _run_unit(u: _Unit, comp: Component, buffers: _Buffers) -> int:
     """One unit: its target's transforms, then each chunk stored (cast) into a reused buffer and written;
-    then the same for its siblings' chunks (``also``), from the same value."""
+    then the same for its siblings' chunks (``also``, ``gathers``), from the same value. A unit of several
+    layers (a small leaf) stacks them, with its siblings', in :class:`_Gather` rows, one layer at a time."""
     tgt = u.target
-    x = tgt.value(u.layer, comp.array)
     written = 0
-    for v in (u, *u.also):
-        if not v.target.leaf.shape or _crc32c is None:  # generic path: TensorStore encodes and writes
-            written += _write_tensorstore(v, x, buffers)
-        else:
-            written += _write_chunks(v, x, buffers)
+    if u.depth == 1:
+        x = tgt.value(u.layers.start, comp.array)
+        for v in (u, *u.also):
+            written += _write(v, lambda out, j, region, t=v.target: t.store(out, x, region), buffers)
+        for j, row in u.gathers:
+            written += row.put(j, x, buffers)
+    else:
+        rows = [_Gather(v) for v in (u, *u.also)]
+        for j in u.layers:
+            x = tgt.value(j, comp.array)
+            for row in (*rows, *(g for i, g in u.gathers if i == j)):
+                written += row.put(j, x, buffers)
     if u.last:
-        for name in tgt.names(u.layer):
-            comp.release(name)
+        for j in u.layers:
+            for name in tgt.names(j):
+                comp.release(name)
     return written
 
 
-def _write_tensorstore(u: _Unit, x: np.ndarray, buffers: _Buffers) -> int:
+def _write(u: _Unit, fill, buffers: _Buffers) -> int:
+    """Write the unit's region of its leaf; ``fill(out, layer, region)`` stores ``region`` (an index into
+    one layer) of one of its layers into ``out``. Bytes written."""
+    if not u.target.leaf.shape or _crc32c is None:  # generic path: TensorStore encodes and writes
+        return _write_tensorstore(u, fill, buffers)
+    return _write_chunks(u, fill, buffers)
+
+
+def _write_tensorstore(u: _Unit, fill, buffers: _Buffers) -> int:
     tgt = u.target
-    shape = tgt.layer_shape
-    if tgt.stacked or not shape:
-        region = ...
+    shape, dtype = tgt.layer_shape, fmt.np_dtype(tgt.leaf.dtype)
+    if tgt.stacked:
+        buf = buffers.get((len(u.layers), *shape), dtype)
+        for k, j in enumerate(u.layers):
+            fill(buf[k, ...], j, ...)
+        where = u.array[u.layers.start:u.layers.stop]
     else:
-        region = (u.rows,)
-        shape = (len(range(*u.rows.indices(shape[0]))), *shape[1:])
-    buf = buffers.get(shape, fmt.np_dtype(tgt.leaf.dtype))
-    tgt.store(buf, x, region)
+        region = (u.rows,) if shape else ...
+        buf = buffers.get((len(range(*u.rows.indices(shape[0]))), *shape[1:]) if shape else (), dtype)
+        fill(buf, u.layers.start, region)
+        where = u.array[u.rows]
     with _writing(u.folder / tgt.path):
-        (u.array[u.layer] if tgt.stacked else u.array[u.rows]).write(buf).result()
+        where.write(buf).result()
     return buf.nbytes
 
 
-def _write_chunks(u: _Unit, x: np.ndarray, buffers: _Buffers) -> int:
-    """Write the zarr3 chunks of a unit (one layer, or the chunk rows of its row range).
+def _write_chunks(u: _Unit, fill, buffers: _Buffers) -> int:
+    """Write the zarr3 chunks of a unit (its chunk row of layers, or the chunk rows of its row range).
 
-    Each chunk: the single fused copy (the target's last transform: the cast) from the layer's value
-    ``x`` (the source mmap) into a chunk-shaped buffer, then its raw little-endian bytes followed by the
-    crc32c of those bytes (the array's codecs), to ``c/<i>/<j>/...`` (zarr3 default chunk-key encoding)."""
-    tgt, chunks = u.target, u.chunks
-    shape = tgt.layer_shape
+    Each chunk: ``fill`` of each of its layers into a chunk-shaped buffer (for a unit of one layer, the
+    target's last transform: the single fused copy, with the cast, from the layer's value, e.g. the source
+    mmap), then its raw little-endian bytes followed by the crc32c of those bytes (the array's codecs), to
+    ``c/<i>/<j>/...`` (zarr3 default chunk-key encoding)."""
+    tgt, chunks, depth = u.target, u.chunks, u.depth
     per = chunks[1:] if tgt.stacked else chunks  # the chunk shape within one layer
-    grid = [range(-(-n // c)) for n, c in zip(shape, per)]
-    if not tgt.stacked:  # the chunk rows of this unit's rows
-        r0, r1, _ = u.rows.indices(shape[0])
-        grid[0] = range(r0 // per[0], -(-r1 // per[0]))
-    lead = (u.layer,) if tgt.stacked else ()
+    lead = (u.layers.start // depth,) if tgt.stacked else ()
     dtype = fmt.np_dtype(tgt.leaf.dtype)
     array_dir = u.folder / tgt.path
     written = 0
-    for idx in itertools.product(*grid):
-        region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, per, shape))
+    for idx, region in _regions(tgt.layer_shape, per, u.rows):
         part = tuple(s.stop - s.start for s in region)
         buf = buffers.get(chunks, dtype)
-        out = buf.reshape(per)
-        if part != tuple(per):  # edge chunk: zarr stores the full chunk, padded with the fill value
+        out = buf.reshape(depth, *per)
+        if part != tuple(per) or len(u.layers) < depth:  # edge chunk: zarr stores it whole, padded with zeros
             buf[...] = 0
-            out = out[tuple(slice(0, n) for n in part)]
-        tgt.store(out, x, region)
+            out = out[(slice(None), *(slice(0, n) for n in part))]
+        for k, j in enumerate(u.layers):
+            fill(out[k, ...], j, region)
         _write_chunk(array_dir / fmt.chunk_key(lead + idx), buf)
         written += buf.nbytes
     return written

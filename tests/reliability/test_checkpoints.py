@@ -11,6 +11,7 @@ import pytest
 
 from tests.reliability.conftest import assert_one_line_error, invoke, run_cli
 from wan_runtime import format as fmt
+from wan_runtime import sharding
 from wan_runtime.checkpoint import CheckpointError, open_checkpoint
 from wan_runtime.format import FormatError
 
@@ -195,7 +196,10 @@ def paged(tmp_path_factory):
     with pytest.MonkeyPatch.context() as m:
         m.setitem(mtc.SIZES, "page", PAGE_SIZE)
         src = mtc.write("wan2.1-t2v", root / "src", seed=0, size="page")
-    return convert(str(src), root / "ck", hash_source=False).output
+        # the block matrices (16 KiB a layer and up) a layer deep, as real weights are; biases and norms
+        # (a layer of them under a page) in one chunk across the layers, as real ones are
+        m.setattr(sharding, "SMALL_LAYER_CHUNK", 4096)
+        return convert(str(src), root / "ck", hash_source=False).output
 
 
 @pytest.fixture
@@ -238,7 +242,7 @@ def test_paged_weights_are_mapped(paged, tmp_path, map_calls):
     assert pipe.params["transformer"]["blocks"]["ffn"]["fc_in"]["weight"].shape == (2, 64, 128)
     assert map_calls.get(chunk) is True, sorted(map_calls.items())[:4]
     # every per-layer chunk of every bf16 block matrix is mapped (measured: 2 layers x 10 = 20: q, k, v, out of
-    # both attentions, fc_in, fc_out); biases and float32 norms are smaller than a page and are read
+    # both attentions, fc_in, fc_out); a bias or norm is one chunk for both layers, which fills its buffer
     cfg = json.loads((ck / "transformer" / "config.json").read_text())
     matrices = [p for p, leaf in fmt.flatten(fmt.component_tree("transformer", cfg)).items()
                 if p.startswith("blocks.") and leaf.dtype == "bfloat16" and len(leaf.shape) == 3]
