@@ -106,6 +106,26 @@ def test_calibration_tool_records_ratios(f32):
     assert all(0.2 < r < 5.0 for r in ratios[2:]) and len(set(ratios[2:])) > 1
 
 
+def test_calibration_tool_on_an_image_to_video_model(f32, tmp_path):
+    """The tool's CLI on Wan 2.1 I2V: needs --image (one line, exit 2 without), then writes the curve
+    with the checkpoint's flow shift."""
+    import json
+
+    import calibrate_magcache
+    from PIL import Image
+
+    ck, out, img = f32("wan2.1-i2v").ckpt.root, tmp_path / "calib.json", tmp_path / "first.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), np.uint8)).save(img)
+    args = ["--checkpoint", str(ck), "--name", "mine", "--out", str(out), "--steps", "3", "--height", "32",
+            "--width", "48", "--frames", "5", "--dtype", "float32"]
+    with pytest.raises(SystemExit) as e:
+        calibrate_magcache.main(args)
+    assert e.value.code == 2 and not out.exists()
+    assert calibrate_magcache.main(args + ["--image", str(img)]) == 0
+    entry = json.loads(out.read_text())["models"]["mine"]
+    assert len(entry["mag_ratios"]) == 6 and entry["steps"] == 3 and entry["flow_shift"] > 0
+
+
 def test_policies_end_to_end_with_two_experts(f32):
     """MagCache (published Wan 2.2 curve) and CFG cache through the one loop, across the expert switch;
     thresh 0 is dense bitwise; the block-run count equals the host plan's."""

@@ -6,6 +6,7 @@ transformer-block residual r. Written in the layout of shared/reference/cache_ca
 
     python tools/calibrate_magcache.py --checkpoint CKPT --name my_finetune --out calib.json \
         [--prompt ...] [--steps 50] [--height 480 --width 832 --frames 81] [--flow-shift S] [--guidance G]
+        [--image first_frame.png]   (image-to-video models: required)
 """
 from __future__ import annotations
 
@@ -47,15 +48,18 @@ def main(argv=None) -> int:
     ap.add_argument("--flow-shift", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--image", default=None, help="first frame (image-to-video models need one)")
     args = ap.parse_args(argv)
 
     from wan_runtime.pipeline import DEFAULT_NEGATIVE, WanPipeline
 
     pipe = WanPipeline.from_converted(args.checkpoint, dtype=args.dtype)
+    if pipe.family.image_input == "required" and args.image is None:
+        ap.error(f"--image: {pipe.ckpt.family} is an image-to-video model; give the first frame to calibrate with")
     ratios = calibrate(pipe, args.prompt, args.steps, negative_prompt=args.negative_prompt or DEFAULT_NEGATIVE,
                        height=args.height, width=args.width, num_frames=args.frames, guidance_scale=args.guidance,
-                       guidance_scale_2=args.guidance_2, flow_shift=args.flow_shift, seed=args.seed)
-    config = pipe.config(flow_shift=args.flow_shift)
+                       guidance_scale_2=args.guidance_2, flow_shift=args.flow_shift, seed=args.seed, image=args.image)
+    config = pipe.config(image=args.image is not None, flow_shift=args.flow_shift)
     entry = {"steps": args.steps, "flow_shift": config.flow_shift, "mag_ratios": ratios,
              "recommended": {"thresh": 0.06, "K": 2, "retention": 0.2}}
     if config.boundary is not None and len(pipe.experts) > 1:
