@@ -350,6 +350,14 @@ def iter_leaves(tree: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     yield from flatten(tree).items()
 
 
+def recast_dtype(path: str, current: str, weights_dtype: str | None) -> str:
+    """A restored leaf's dtype after the runtime recasts its weights to ``weights_dtype`` (None: no recast)
+    by the :func:`stored_dtype` rule; quantized leaves stay quantized (``dense`` scales their output)."""
+    if not weights_dtype or str(current) in QUANT_DTYPES:
+        return str(current)
+    return stored_dtype(path, weights_dtype)
+
+
 def component_dtype(policy: Mapping[str, Any], component: str) -> str:
     """The weights dtype a manifest's ``dtype_policy`` gives ``component`` (``components`` overrides
     ``weights``, e.g. a bf16 text encoder beside an fp8 transformer)."""

@@ -171,7 +171,7 @@ def _kohya_names() -> dict[str, str]:
     out = {}
     for src, _ in names.ORIGINAL_TRANSFORMER:
         stem = src.rstrip(".")
-        out[stem.replace(".", "_").replace("{L}", "{L}")] = stem
+        out[stem.replace(".", "_")] = stem
     return out
 
 

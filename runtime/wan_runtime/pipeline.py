@@ -50,12 +50,11 @@ def cast_weights(tree, dtype: str, *, consume: bool = False, slice_bytes: int | 
     was a compile per distinct shape). ``consume``: the old leaves are deleted as soon as their slice is
     cast, so the device holds at most the old tree plus one slice of new leaves (a 14B float32 -> bf16
     recast no longer needs old + new)."""
-    from .format import QUANT_DTYPES, flatten, np_dtype, stored_dtype, unflatten
+    from .format import flatten, recast_dtype, unflatten
 
     flat = flatten(tree)
-    quantized = {jnp.dtype(np_dtype(q)) for q in QUANT_DTYPES}  # stay quantized: dense scales their output
-    todo = tuple((p, stored_dtype(p, dtype)) for p, a in flat.items()
-                 if a.dtype != jnp.dtype(stored_dtype(p, dtype)) and a.dtype not in quantized)
+    want = {p: recast_dtype(p, a.dtype.name, dtype) for p, a in flat.items()}
+    todo = tuple((p, d) for p, d in want.items() if flat[p].dtype.name != d)
     out, limit = dict(flat), slice_bytes or CAST_SLICE_BYTES
     for part in _slices(todo, {p: flat[p].nbytes for p, _ in todo}, limit):
         out.update(_cast_leaves({p: flat[p] for p, _ in part}, part))
@@ -104,18 +103,15 @@ def _cast_leaves(leaves, todo):
     return {p: leaves[p].astype(d) for p, d in todo}
 
 
-def _conditions(experts, text_emb, image_emb, tcfgs, dtype, kv_cache=True):
-    """Per expert: text (and CLIP image) context, then every block's cross-attention K/V (computed once);
-    with kv_cache off, the context the loop recomputes them from."""
-    out = []
-    for p, c in zip(experts, tcfgs):
-        ctx, n_image = tr.embed_text(p, c, text_emb, dtype), 0
-        if image_emb is not None and c.image_dim:
-            img = tr.embed_image(p, c, image_emb, dtype)
-            img = jnp.broadcast_to(img, (ctx.shape[0],) + img.shape[1:])
-            ctx, n_image = jnp.concatenate([img.astype(ctx.dtype), ctx], axis=1), img.shape[1]
-        out.append(tr.cross_kv(p, c, ctx, dtype, n_image) if kv_cache else ctx)
-    return tuple(out)
+def _conditions(p, text_emb, image_emb, c, dtype, kv_cache=True):
+    """One transformer's text (and CLIP image) context, then every block's cross-attention K/V (computed
+    once); with kv_cache off, the context the loop recomputes them from."""
+    ctx, n_image = tr.embed_text(p, c, text_emb, dtype), 0
+    if image_emb is not None and c.image_dim:
+        img = tr.embed_image(p, c, image_emb, dtype)
+        img = jnp.broadcast_to(img, (ctx.shape[0],) + img.shape[1:])
+        ctx, n_image = jnp.concatenate([img.astype(ctx.dtype), ctx], axis=1), img.shape[1]
+    return tr.cross_kv(p, c, ctx, dtype, n_image) if kv_cache else ctx
 
 
 def _encode_condition(vae_params, video, mean, inv_std, *, vcfg, dtype, precision="highest"):
@@ -308,11 +304,8 @@ class WanPipeline:
             if not given and c not in self.params.unmerged:
                 continue
             if c not in self.params.unmerged:
-                kind = residency.host_kind(residency.local_device(jax.tree.leaves(self.params[c])[0]))
-                self.params.unmerged[c] = jax.tree.map(
-                    lambda a: jax.device_put(a, a.sharding.with_memory_kind(kind)), self.params[c])
-            base = jax.tree.map(lambda a: jax.device_put(a, a.sharding.with_memory_kind(
-                residency.local_device(a).default_memory().kind)), self.params.unmerged[c])
+                self.params.unmerged[c] = residency.to_host(self.params[c])
+            base = residency.to_device(self.params.unmerged[c])
             self.params[c] = lora_lib.apply(base, given) if given else base
             self.params.loras[c] = given
 
@@ -414,13 +407,13 @@ class WanPipeline:
 
     def cross_attention(self, k: int, text_emb, clip_tokens, timings: "Timings"):
         """Expert ``k``'s cross-attention K/V of every block (with kv_cache off: the context they come from)."""
-        expert = (self.params[self.experts[k]],)
+        expert = self.params[self.experts[k]]
         dt = jnp.dtype(self.dtypes.transformer)
         key = ("conditions", self.tcfgs[k], text_emb.shape, None if clip_tokens is None else clip_tokens.shape,
                self.kv_cache, dt.name)
-        fn = self._compile(timings, key, functools.partial(_conditions, tcfgs=self.tcfgs[k:k + 1], dtype=dt,
+        fn = self._compile(timings, key, functools.partial(_conditions, c=self.tcfgs[k], dtype=dt,
                                                            kv_cache=self.kv_cache), expert, text_emb, clip_tokens)
-        return fn(expert, text_emb, clip_tokens)[0]
+        return fn(expert, text_emb, clip_tokens)
 
     def _release(self, *components: str) -> None:
         """Free the device copies of those of ``components`` this pipeline's offload mode moves."""
@@ -493,7 +486,8 @@ class WanPipeline:
             if lo < hi:
                 guidance = config.guidance if k == 0 else config.guidance_low
                 carry = self._phase(k, range(lo, hi), carry, rest, text_emb, img, guidance,
-                                    dataclasses.replace(st, tcfg=self.tcfgs[k]), config.scheduler, timings, progress)
+                                    dataclasses.replace(st, tcfg=self.tcfgs[k]), grid, config.scheduler, timings,
+                                    progress)
         fin = self._compile(timings, ("finish", st, latents.shape), functools.partial(loop.finish, st=st),
                             carry[0], img.cond, img.mask)
         warn = config.cache.warning(steps, config.flow_shift, config.boundary if two else None)
@@ -503,16 +497,15 @@ class WanPipeline:
                         dist.to_host(carry[2]["ratios"])[:steps], (warn,) if warn else ())
 
     def _phase(self, k: int, steps: range, carry, rest, text_emb, img: ImageCondition, guidance: float,
-               st: loop.LoopSpec, scheduler: str, timings: "Timings", progress) -> tuple:
+               st: loop.LoopSpec, grid: tuple, scheduler: str, timings: "Timings", progress) -> tuple:
         """Steps ``steps`` with expert ``k``: the other expert leaves the device first (if offloaded), this
         one's cross-attention K/V is computed once, then the steps run in one executable call (or one per
         step); the K/V is freed at the end. Both experts' phases share one executable."""
         self._release(*(c for i, c in enumerate(self.experts) if i != k))
         params, kv = self.params[self.experts[k]], self.cross_attention(k, text_emb, img.clip_tokens, timings)
-        latents, grid = carry[0], tuple(n // p for n, p in zip(carry[0].shape[2:], st.tcfg.patch_size))
         kv_shapes = tuple(a.shape for a in jax.tree.leaves(kv))  # the text length (max_sequence_length) among them
         g = jnp.float32(guidance)
-        run = self._compile(timings, ("denoise", st, grid, latents.shape, scheduler, kv_shapes),
+        run = self._compile(timings, ("denoise", st, grid, carry[0].shape, scheduler, kv_shapes),
                             functools.partial(loop.denoise, st=st, grid=grid), params, kv, *carry, *rest, g,
                             jnp.int32(0), jnp.int32(1))
         per_call = 1 if (progress is not None or self.steps_per_call == 1) else (self.steps_per_call or len(steps))

@@ -126,8 +126,7 @@ def abstract_params(ckpt, mesh, dtypes, rules: Mapping[str, str | None] = shd.DE
         want = dtypes.vae_weights if c == "vae" else dtypes.weights
         tree = fmt.component_tree(c, ckpt.config(c), quantize) if quantize and c.startswith("transformer") \
             else ckpt.abstract_tree(c)
-        flat = {p: jax.ShapeDtypeStruct(leaf.shape, fmt.stored_dtype(p, want) if want and leaf.dtype not in
-                                        fmt.QUANT_DTYPES else leaf.dtype,
+        flat = {p: jax.ShapeDtypeStruct(leaf.shape, fmt.recast_dtype(p, leaf.dtype, want),
                                         sharding=shd.named_sharding(mesh, leaf.shape, leaf.axes, rules))
                 for p, leaf in fmt.flatten(tree).items()}
         out[c] = fmt.unflatten(flat)

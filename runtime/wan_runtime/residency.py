@@ -106,7 +106,6 @@ class Weights:
     def __init__(self, params: Mapping[str, Any]):
         self._device = dict(params)
         self._host: dict[str, Any] = {}
-        self.moves = 0  # host <-> device copies so far (tests, timings)
         self.unmerged: dict[str, Any] = {}  # per component with LoRAs applied: its weights without them (host)
         self.loras: dict[str, tuple] = {}  # per component: the LoRAs applied (``lora.Lora``)
 
@@ -134,14 +133,7 @@ class Weights:
 
     def get(self, c: str):
         if c not in self._device:
-            if _abstract(self._host[c]):  # a memory plan: nothing to copy
-                self._device[c] = self._host[c]
-                return self._device[c]
-
-            def back(a):
-                return jax.device_put(a, a.sharding.with_memory_kind(_device_kind(a)))
-            self._device[c] = jax.tree.map(back, self._host[c])
-            self.moves += 1
+            self._device[c] = to_device(self._host[c])
         return self._device[c]
 
     def release(self, *components: str) -> None:
@@ -150,23 +142,31 @@ class Weights:
             if c not in self._device:
                 continue
             tree = self._device.pop(c)
-            if _abstract(tree):
+            if _abstract(tree):  # a memory plan: nothing to copy
                 self._host[c] = tree
                 continue
             if c not in self._host:
-                def away(a):
-                    kind = host_kind(local_device(a))
-                    if kind is None:
-                        raise OffloadError("--offload: this backend has no host memory kind; use --offload none")
-                    return jax.device_put(a, a.sharding.with_memory_kind(kind))
-                self._host[c] = jax.block_until_ready(jax.tree.map(away, tree))
-                self.moves += 1
+                self._host[c] = jax.block_until_ready(to_host(tree))
             for a in jax.tree.leaves(tree):
                 a.delete()
 
 
-def _device_kind(a) -> str:
-    return local_device(a).default_memory().kind
+def to_host(tree):
+    """A copy of ``tree`` in host memory (``pinned_host`` where the backend has it), same shardings."""
+    def away(a):
+        kind = host_kind(local_device(a))
+        if kind is None:
+            raise OffloadError("--offload: this backend has no host memory kind; use --offload none")
+        return jax.device_put(a, a.sharding.with_memory_kind(kind))
+    return jax.tree.map(away, tree)
+
+
+def to_device(tree):
+    """A device copy of a host-memory ``tree`` (an abstract tree, as a memory plan holds, as it is)."""
+    if _abstract(tree):
+        return tree
+    return jax.tree.map(lambda a: jax.device_put(a, a.sharding.with_memory_kind(
+        local_device(a).default_memory().kind)), tree)
 
 
 def local_device(a):

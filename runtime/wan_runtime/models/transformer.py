@@ -23,7 +23,7 @@ import numpy as np
 from ..configs import WanTransformerConfig
 from . import context_parallel
 from .attention import preferred_multiple
-from .layers import dense, layer_norm, rms_norm
+from .layers import E4M3, dense, layer_norm, rms_norm
 
 F32 = jnp.float32
 
@@ -216,7 +216,7 @@ def _pad_axis(a, n, axis):
     return jnp.pad(a, [(0, n if i == axis else 0) for i in range(a.ndim)])
 
 
-E4M3, _FP8_AS = jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.uint8)
+_FP8_AS = jnp.dtype(jnp.uint8)  # fp8 block weights cross the layer scan as their bytes (run_blocks)
 
 
 def run_blocks(params, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype, *, pad_to: int | None = None,
