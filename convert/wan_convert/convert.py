@@ -56,7 +56,7 @@ from wan_runtime.errors import one_line
 
 from . import __version__
 from .mapping import Target, Transforms, plan
-from .source import SIDE_FOLDERS, Component, Repo, SourceError, SourceOptions, resolve
+from .source import Component, Repo, SourceError, SourceOptions, resolve
 from .transforms import Quantize, with_loras
 
 try:  # hardware crc32c (SSE4.2 / ARMv8); without it TensorStore encodes the chunks
@@ -64,7 +64,6 @@ try:  # hardware crc32c (SSE4.2 / ARMv8); without it TensorStore encodes the chu
 except ImportError:  # pragma: no cover
     _crc32c = None
 
-COPIED_FOLDERS = SIDE_FOLDERS
 #: side files wan-run reads (beyond the components' config.json): a complete conversion needs them
 NEEDED_FILES = {"tokenizer/tokenizer.json": "text_encoder", "image_processor/preprocessor_config.json": "image_encoder"}
 #: the component each LoRA flag merges into

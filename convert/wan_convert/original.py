@@ -28,11 +28,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from wan_runtime import families, names
+from wan_runtime import families, names, tensorfile
 from wan_runtime import format as fmt
 from wan_runtime.errors import one_line
 
-from .source import AliasInfo, Repo, SourceError, SourceOptions, TensorFile, TensorInfo, _sha256, read_json
+from .source import AliasInfo, Repo, SourceError, SourceOptions, TensorFile, TensorInfo, read_json
 
 # --------------------------------------------------------------------------------------------
 # The published models' values (facts from Wan-AI's repositories and diffusers' Wan configs)
@@ -572,12 +572,12 @@ class OriginalRepo(Repo):
     def file_hashes(self) -> dict[str, str]:
         """sha256 of every file the conversion reads (component/name -> hex); side files written from
         derived values are in the checkpoint itself."""
-        out = {f"{c}/{f.name}": _sha256(f) for c, fs in self.files.items() for f in fs}
+        out = {f"{c}/{f.name}": tensorfile.sha256(f) for c, fs in self.files.items() for f in fs}
         for c in self.lent:
             folder = self.lender.root / c
-            out.update({f"{c}/{p.relative_to(folder).as_posix()}": _sha256(p)
+            out.update({f"{c}/{p.relative_to(folder).as_posix()}": tensorfile.sha256(p)
                         for p in sorted(folder.rglob("*")) if p.is_file()})
-        out.update({rel: _sha256(p) for rel, p in self.sides.items() if isinstance(p, pathlib.Path)})
+        out.update({rel: tensorfile.sha256(p) for rel, p in self.sides.items() if isinstance(p, pathlib.Path)})
         return out
 
 

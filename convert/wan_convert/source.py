@@ -10,11 +10,7 @@ carries.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import pathlib
-import struct
-from typing import Mapping
 
 import numpy as np
 
@@ -63,34 +59,21 @@ class SourceOptions:
         return [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(self) if getattr(self, f.name)]
 
 
-def read_header(path: pathlib.Path) -> dict[str, TensorInfo]:
-    """A validated safetensors header (``wan_runtime.tensorfile``); SourceError naming the file otherwise."""
-    refuse_fp8(path)
-    return tensorfile.read_header(path, SourceError)
-
-
 class TensorFile(tensorfile.TensorFile):
     """A read-only mmap of one safetensors file (``wan_runtime.tensorfile``); errors are SourceErrors."""
 
     def __init__(self, path: pathlib.Path):
-        refuse_fp8(path)
-        super().__init__(path, SourceError)
+        super().__init__(path, SourceError, check=lambda header: refuse_fp8(path, header))
 
 
 #: names that mark a checkpoint quantized to fp8 with scales (ComfyUI's "fp8_scaled" files)
 _FP8_MARKS = ("scale_weight", "scaled_fp8", "weight_scale", "scale_input")
 
 
-def refuse_fp8(path: pathlib.Path) -> None:
-    """A SourceError naming ``path`` if its safetensors header holds float8 tensors or fp8 scales
-    (nothing else is checked here: :func:`read_header` validates the header)."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n)) if n < (100 << 20) else {}
-    except (OSError, struct.error, ValueError):
-        return
-    for name, info in header.items() if isinstance(header, dict) else ():
+def refuse_fp8(path: pathlib.Path, header: dict) -> None:
+    """A SourceError naming ``path`` if its safetensors ``header`` (the parsed JSON object) holds float8
+    tensors or fp8 scales (the rest of the header is validated by ``tensorfile.read_header``)."""
+    for name, info in header.items():
         dtype = str(info.get("dtype", "")) if isinstance(info, dict) else ""
         if dtype.startswith("F8") or name.endswith(_FP8_MARKS):
             what = f"is {dtype}" if dtype.startswith("F8") else "is an fp8 scale"
@@ -219,16 +202,8 @@ class Repo:
         out = {}
         for p in sorted(self.root.rglob("*")):
             if p.is_file() and not p.name.startswith("."):
-                out[str(p.relative_to(self.root))] = _sha256(p)
+                out[str(p.relative_to(self.root))] = tensorfile.sha256(p)
         return out
-
-
-def _sha256(path: pathlib.Path, block: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve(source: str, revision: str | None = None, options: SourceOptions | None = None,
@@ -307,4 +282,4 @@ def _snapshot_revision(root: pathlib.Path) -> str | None:
 
 
 __all__ = ["SourceError", "SourceOptions", "TensorInfo", "AliasInfo", "TensorFile", "Component", "Repo", "resolve",
-           "read_header", "read_json", "refuse_fp8", "label", "SIDE_FOLDERS"]
+           "read_json", "refuse_fp8", "label", "SIDE_FOLDERS"]

@@ -8,7 +8,6 @@ values and scales (``<weight>_scale``, targets of their own) are compared with t
 source (``wan_runtime.quant.quantize_np``, through the :class:`~wan_convert.transforms.Quantize` step)."""
 from __future__ import annotations
 
-import hashlib
 import pathlib
 from typing import Mapping, Sequence
 
@@ -119,24 +118,24 @@ def merged_loras(manifest: Mapping, given: Mapping[str, Sequence] | None) -> dic
 
 
 def _reread(flag: str, component: str, rec: Mapping, spec) -> lora_lib.Lora:
-    """One LoRA file given to verify, checked against its manifest record, read at the recorded strength
-    (unknown keys skipped: the file is the one the conversion read, which then had them skipped or none)."""
+    """One LoRA file given to verify, checked against its manifest record (sha256, strength), at the
+    recorded strength (unknown keys skipped: the file is the one the conversion read). A ``Lora`` already
+    read (``convert --verify``) is not read again."""
     if isinstance(spec, lora_lib.Lora):
-        path, strength = spec.file, spec.strength
+        lo, strength = spec, spec.strength
     else:
         path, strength = lora_lib.parse_spec(str(spec), flag)
         strength = None if path == str(spec) else strength  # no ":STRENGTH": the recorded one
-    path = pathlib.Path(path).expanduser()
-    if not path.is_file():
-        raise VerifyError(f"{flag} {path}: no such file (the checkpoint's {component} merged {rec['file']})")
-    with open(path, "rb") as f:
-        sha = hashlib.file_digest(f, "sha256").hexdigest()
-    if sha != rec["sha256"]:
-        raise VerifyError(f"{flag} {path}: sha256 {sha[:16]}... differs from that of {rec['file']} merged into "
-                          f"the checkpoint's {component} ({rec['sha256'][:16]}...): altered, or another file")
+        path = pathlib.Path(path).expanduser()
+        if not path.is_file():
+            raise VerifyError(f"{flag} {path}: no such file (the checkpoint's {component} merged {rec['file']})")
+        lo = lora_lib.read(path, rec["strength"], ignore_unknown=True)
+    if lo.sha256 != rec["sha256"]:
+        raise VerifyError(f"{flag} {lo.file}: sha256 {lo.sha256[:16]}... differs from that of {rec['file']} merged "
+                          f"into the checkpoint's {component} ({rec['sha256'][:16]}...): altered, or another file")
     if strength is not None and strength != rec["strength"]:
-        raise VerifyError(f"{flag} {path}: strength {strength:g}, but it was merged at {rec['strength']:g}")
-    return lora_lib.read(path, rec["strength"], ignore_unknown=True)
+        raise VerifyError(f"{flag} {lo.file}: strength {strength:g}, but it was merged at {rec['strength']:g}")
+    return lo.with_strength(rec["strength"])
 
 
 def compare(comp: Component, tree: dict, arrays: dict, transforms: Transforms | None = None) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import pathlib
 import re
 from typing import Any, Iterable, Mapping
@@ -104,22 +103,22 @@ def read(path: str | pathlib.Path, strength: float = 1.0, *, ignore_unknown: boo
     f = tensorfile.TensorFile(path, LoraError)
     try:
         modules, skipped = _group(path, {k: f.array(info) for k, info in f.tensors.items()}, ignore_unknown)
-        alpha = _peft_alpha(path)
+        alpha = _peft_alpha(path, f.metadata)
         deltas = [d for module, parts in modules.items()
                   for d in _deltas(path, module, parts if alpha is None or "alpha" in parts else parts | alpha(parts),
                                    ignore_unknown, skipped)]
         deltas = [dataclasses.replace(d, up=_own(d.up), down=_own(d.down), diff=_own(d.diff)) for d in deltas]
     finally:
         f.close()
-    return Lora(path, _sha256(path), tuple(deltas), float(strength), tuple(skipped))
+    return Lora(path, tensorfile.sha256(path), tuple(deltas), float(strength), tuple(skipped))
 
 
-def _peft_alpha(path):
+def _peft_alpha(path, metadata: dict):
     """A diffusers / PEFT file's ``lora_adapter_metadata`` (diffusers' ``save_lora_weights``): PEFT scales
     every pair by lora_alpha / r; returns {role: alpha} for a module's parts, or None without metadata."""
     import json
 
-    raw = tensorfile.read_metadata(path, LoraError).get("lora_adapter_metadata")
+    raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None
     try:
@@ -210,14 +209,6 @@ def _deltas(path, module: str, parts: dict, ignore_unknown: bool, skipped: list)
         yield Delta(bias[0], bias[1], module + " (bias)", diff=parts["diff_b"])
 
 
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check(loras: Iterable[Lora], leaves: Mapping[str, Any], component: str = "transformer") -> None:
     """Every delta names a leaf of ``leaves`` ({path: anything with .shape}) with its shape; else a
     LoraError naming the file and the module."""
@@ -301,7 +292,6 @@ def apply(tree: Mapping[str, Any], loras: Iterable[Lora]) -> dict[str, Any]:
     """``tree`` (a restored runtime param tree of jax arrays) with ``loras`` added, on the device: one
     compiled program for the touched leaves, the strengths a traced argument (another strength, or
     another LoRA of the same shapes, compiles nothing). Untouched leaves are the same arrays."""
-    import jax
     import jax.numpy as jnp
 
     from .format import flatten, unflatten

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 import time
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import caching, families, residency, schedulers
+from . import families, residency, schedulers
 from . import lora as lora_lib
 from . import checkpoint as ckpt_lib
 from . import denoise as loop

@@ -48,7 +48,6 @@ def quantize_tree(tree: Mapping[str, Any], abstract: Mapping[str, Any], dtype: s
     """A restored (unquantized) transformer tree quantized on the device as ``abstract`` (the component's
     tree built with ``dtype``) declares: each quantized leaf and its ``_scale`` sibling, in one compiled
     program per leaf shape, keeping the weight's sharding (the scale: the weight's, less its last axis)."""
-    import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
     flat, want = fmt.flatten(tree), fmt.flatten(abstract)

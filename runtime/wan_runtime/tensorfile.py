@@ -37,8 +37,11 @@ class TensorInfo:
         return self.end - self.begin
 
 
-def read_header(path: pathlib.Path, error: type[Exception] = ValueError) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors header; every offset is checked against the file size."""
+def read_header(path: pathlib.Path, error: type[Exception] = ValueError, metadata: dict | None = None,
+                check=None) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header; every offset is checked against the file size. The
+    header's ``__metadata__`` (string values) goes into ``metadata`` when one is given; ``check(header)``
+    (the parsed JSON object) may refuse the file before its entries are validated."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -57,10 +60,14 @@ def read_header(path: pathlib.Path, error: type[Exception] = ValueError) -> dict
         raise error(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise error(f"{path}: corrupt safetensors header (not a JSON object)")
+    if check is not None:
+        check(header)
     base = 8 + n
     out: dict[str, TensorInfo] = {}
     for name, info in header.items():
         if name == "__metadata__":
+            if metadata is not None and isinstance(info, dict):
+                metadata.update({str(k): str(v) for k, v in info.items()})
             continue
         try:
             dt, shape = str(info["dtype"]), tuple(int(s) for s in info["shape"])
@@ -85,9 +92,10 @@ def read_header(path: pathlib.Path, error: type[Exception] = ValueError) -> dict
 class TensorFile:
     """A read-only mmap of one safetensors file; tensors are numpy views into it."""
 
-    def __init__(self, path: pathlib.Path, error: type[Exception] = ValueError):
+    def __init__(self, path: pathlib.Path, error: type[Exception] = ValueError, check=None):
         self.path = path
-        self.tensors = read_header(path, error)
+        self.metadata: dict[str, str] = {}
+        self.tensors = read_header(path, error, self.metadata, check)
         with open(path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else None
 
@@ -118,13 +126,12 @@ class TensorFile:
             self._mm = None
 
 
-def read_metadata(path: pathlib.Path, error: type[Exception] = ValueError) -> dict[str, str]:
-    """The header's ``__metadata__`` (string keys and values; empty if none)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        try:
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise error(f"{path}: corrupt safetensors header ({e})") from None
-    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+def sha256(path, block: int = 8 << 20) -> str:
+    """The hex sha256 of a file, read in blocks (manifests record their sources and LoRAs by it)."""
+    import hashlib
 
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
