@@ -55,7 +55,7 @@ class _PlusInput(Transform):
     def inputs(self, name):
         return (name.replace(self.old, self.new),)
 
-    def apply(self, x, extra, name=""):
+    def apply(self, x, extra, layer=None):
         (other,) = extra.values()
         return x.astype(np.float32) + other
 
@@ -63,7 +63,7 @@ class _PlusInput(Transform):
 class _Double(Transform):
     view = False
 
-    def apply(self, x, extra, name=""):
+    def apply(self, x, extra, layer=None):
         return x.astype(np.float32) * 2
 
 
@@ -125,7 +125,7 @@ class _ToyLora(Transform):
     def inputs(self, name):
         return (f"{name}.lora_B", f"{name}.lora_A")
 
-    def apply(self, x, extra, name=""):
+    def apply(self, x, extra, layer=None):
         b, a = extra.values()
         return x.astype(np.float32) + b @ a
 

@@ -150,7 +150,7 @@ class Target:
         name = self.sources[layer].name
         x = fetch(name)
         for t in self.transforms[:-1]:
-            x = t.apply(x, {n: fetch(n) for n in t.inputs(name)}, name)
+            x = t.apply(x, {n: fetch(n) for n in t.inputs(name)}, layer if self.stacked else None)
         return x
 
     def store(self, out: np.ndarray, x: np.ndarray, region=...) -> None:

@@ -57,9 +57,9 @@ class Transform:
         """Names of the extra source tensors this step reads, for the layer whose source tensor is ``name``."""
         return ()
 
-    def apply(self, x: np.ndarray, extra: Mapping[str, np.ndarray], name: str = "") -> np.ndarray:
-        """One layer's value after this step; ``extra`` holds the tensors :meth:`inputs` named; ``name`` is
-        the layer's source tensor (which layer it is)."""
+    def apply(self, x: np.ndarray, extra: Mapping[str, np.ndarray], layer: int | None = None) -> np.ndarray:
+        """One layer's value after this step; ``extra`` holds the tensors :meth:`inputs` named; ``layer`` is
+        which layer of a stacked leaf it is (None for an unstacked leaf)."""
         return x
 
     def store(self, out: np.ndarray, x: np.ndarray, region, output: str = "") -> None:
@@ -74,7 +74,7 @@ class Squeeze(Transform):
 
     shape: tuple[int, ...]
 
-    def apply(self, x: np.ndarray, extra: Mapping[str, np.ndarray], name: str = "") -> np.ndarray:
+    def apply(self, x: np.ndarray, extra: Mapping[str, np.ndarray], layer: int | None = None) -> np.ndarray:
         return x.reshape(self.shape)
 
 
@@ -92,16 +92,13 @@ class Cast(Transform):
 @dataclasses.dataclass(frozen=True, eq=False)
 class LoraMerge(Transform):
     """``W + sum(strength * delta)`` in float32 for the layers of one leaf that ``loras`` touch
-    (``wan_runtime.lora.merge``, in the LoRAs' order); a layer they do not touch passes unchanged.
-    ``layers``: source tensor name -> the layer it is (None for an unstacked leaf)."""
+    (``wan_runtime.lora.merge``, in the LoRAs' order); a layer they do not touch passes unchanged."""
 
     path: str  # the runtime tree's leaf (a Delta's ``path``)
-    layers: Mapping[str, int | None]
     loras: tuple[lora_lib.Lora, ...]  # only their deltas for ``path``
     view = False  # the whole layer is needed (a matmul): one unit of work per layer
 
-    def apply(self, x: np.ndarray, extra: Mapping[str, np.ndarray], name: str = "") -> np.ndarray:
-        layer = self.layers[name]
+    def apply(self, x: np.ndarray, extra: Mapping[str, np.ndarray], layer: int | None = None) -> np.ndarray:
         if not lora_lib.touches(self.path, layer, self.loras):
             return x
         return lora_lib.merge(self.path, layer, x, self.loras)
@@ -187,7 +184,6 @@ def with_loras(loras: Mapping[str, Sequence[lora_lib.Lora]], edit: "Transforms |
             return steps
         own = tuple(dataclasses.replace(lo, deltas=tuple(d for d in lo.deltas if d.path == target.path))
                     for lo in active[component])
-        layers = {s.name: (i if target.stacked else None) for i, s in enumerate(target.sources) if s is not None}
-        return [*steps[:-1], LoraMerge(target.path, layers, tuple(lo for lo in own if lo.deltas)), steps[-1]]
+        return [*steps[:-1], LoraMerge(target.path, tuple(lo for lo in own if lo.deltas)), steps[-1]]
 
     return hook
