@@ -1,7 +1,8 @@
-"""Quantized checkpoints (``wan-convert --dtype float8_e4m3fn|int8``): the blocks' 2-D weights against the
-issue's rule recomputed here from its text (numpy + ml_dtypes, not ``wan_runtime.quant``), every other leaf
-equal to the bf16 conversion's, the text encoder's dtype, a LoRA merged in float32 then quantized, verify
-catching an altered scale, the bytes on a real-width model, and restore / generation on 1 and 8 devices."""
+"""Quantized checkpoints (``wan-convert --dtype float8_e4m3fn|int8``, ``--text-encoder-dtype``): the blocks'
+2-D weights of the transformer and of the text encoder against the issue's rule recomputed here from its
+text (numpy + ml_dtypes, not ``wan_runtime.quant``), every other leaf equal to the bf16 conversion's, the
+text encoder's dtype and its prompt embeddings, a LoRA merged in float32 then quantized, verify catching an
+altered scale, the bytes on a real-width model, and restore / generation on 1 and 8 devices."""
 import json
 import pathlib
 import struct
@@ -30,11 +31,19 @@ SOURCE_NAMES = {f"blocks.{a}.{p}.weight": f"{a}.{p}{'.0' if p == 'to_out' else '
 SOURCE_NAMES |= {"blocks.ffn.fc_in.weight": "ffn.net.0.proj.weight", "blocks.ffn.fc_out.weight": "ffn.net.2.weight"}
 #: Wan 2.1 I2V's image K/V projections of the cross-attention
 ADDED_KV = {f"blocks.attn2.{p}.weight": f"attn2.{p}.weight" for p in ("add_k_proj", "add_v_proj")}
+#: the UMT5 text encoder's quantized leaves (``--text-encoder-dtype``: attention q/k/v/o, the gated FFN)
+#: -> their transformers source names ({i}: the block)
+TEXT_NAMES = {f"blocks.attn.{p}.weight": f"encoder.block.{{i}}.layer.0.SelfAttention.{p}.weight" for p in "qkvo"}
+TEXT_NAMES |= {f"blocks.ffn.{p}.weight": f"encoder.block.{{i}}.layer.1.DenseReluDense.{p}.weight"
+               for p in ("wi_0", "wi_1", "wo")}
 
 
-def _quantized(stored: dict) -> dict[str, str]:
-    """The quantized leaves a transformer of this family must have -> their source names."""
-    return SOURCE_NAMES | (ADDED_KV if "blocks.attn2.add_k_proj.weight" in stored else {})
+def _quantized(component: str, stored: dict) -> dict[str, str]:
+    """The quantized leaves a component of this family must have -> their source names ({i}: the block)."""
+    if component == "text_encoder":
+        return TEXT_NAMES
+    names = SOURCE_NAMES | (ADDED_KV if "blocks.attn2.add_k_proj.weight" in stored else {})
+    return {path: f"blocks.{{i}}.{name}" for path, name in names.items()}
 
 
 def rule(w: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -73,56 +82,70 @@ def _experts(ck: pathlib.Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_repos, tmp_path_factory):
-    """``get(family, dtype)``: the tiny repo converted to ``dtype`` (made on first use)."""
+    """``get(family, dtype, text)``: the tiny repo converted to ``dtype``, its text encoder to the same
+    dtype with ``text`` (``--text-encoder-dtype``), else to the default (made on first use)."""
     root, cache = tmp_path_factory.mktemp("quant"), {}
 
-    def get(family: str, dtype: str) -> pathlib.Path:
-        if (family, dtype) not in cache:
-            out = root / f"{family}-{dtype}"
-            cache[family, dtype] = convert(str(tiny_repos[family]), out, weights_dtype=dtype, hash_source=False).output
-        return cache[family, dtype]
+    def get(family: str, dtype: str, text: bool = False) -> pathlib.Path:
+        if (family, dtype, text) not in cache:
+            out = root / f"{family}-{dtype}{'-text' if text else ''}"
+            cache[family, dtype, text] = convert(str(tiny_repos[family]), out, weights_dtype=dtype, hash_source=False,
+                                                 text_encoder_dtype=dtype if text else None).output
+        return cache[family, dtype, text]
     return get
 
 
+#: the text encoder at its default (bf16 beside a quantized transformer) or quantized as well
+TEXT = pytest.mark.parametrize("text", [False, True], ids=["text-bf16", "text-quantized"])
+
+
+@TEXT
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_quantized_weights_follow_the_rule(family, dtype, tiny_repos, checkpoints):
-    """verify passes; exactly the blocks' 2-D weights are stored quantized, values and scales bit for bit
-    the rule applied to the source float32 weights; the manifest records the scheme and a bf16 text encoder."""
-    src, ck = tiny_repos[family], checkpoints(family, dtype)
+def test_quantized_weights_follow_the_rule(family, dtype, text, tiny_repos, checkpoints):
+    """verify passes; exactly the blocks' 2-D weights are stored quantized (the transformers', and the text
+    encoder's with ``--text-encoder-dtype``), values and scales bit for bit the rule applied to the source
+    float32 weights; the manifest records the scheme, the quantized components and the text encoder's dtype."""
+    src, ck = tiny_repos[family], checkpoints(family, dtype, text)
     assert verify(ck, str(src)) > 0
     policy = fmt.read_manifest(ck)["dtype_policy"]
-    assert policy["weights"] == dtype and policy["components"] == {"text_encoder": "bfloat16"}
-    assert policy["quantization"]["dtype"] == dtype
+    quantized_components = _experts(ck) + (["text_encoder"] if text else [])
+    assert policy["weights"] == dtype and policy.get("components") == (None if text else {"text_encoder": "bfloat16"})
+    assert fmt.component_dtype(policy, "text_encoder") == (dtype if text else "bfloat16")
+    assert policy["quantization"]["components"] == {c: dtype for c in sorted(quantized_components)}
+    assert policy["quantization"]["max"] == {dtype: 448.0 if dtype == "float8_e4m3fn" else 127.0}
     assert policy["quantization"]["scheme"] == "symmetric absmax per output channel"
-    for component in _experts(ck):
+    for component in quantized_components:
         stored = _arrays(ck, component)
         quantized = {p for p, a in stored.items() if a.dtype == fmt.np_dtype(dtype)}
-        assert quantized == set(_quantized(stored)), component
-        assert (family == "wan2.1-i2v") == (set(ADDED_KV) <= quantized), component
+        assert quantized == set(_quantized(component, stored)), component
+        assert (family == "wan2.1-i2v" and component != "text_encoder") == (set(ADDED_KV) <= quantized), component
         comp = Component(src / component)
         try:
-            for path, name in _quantized(stored).items():
+            for path, name in _quantized(component, stored).items():
                 q, scale = stored[path], stored[f"{path}_scale"]
                 assert scale.dtype == np.float32 and scale.shape == q.shape[:2]
                 for i in range(q.shape[0]):
-                    want_q, want_scale = rule(comp.array(f"blocks.{i}.{name}"), dtype)
+                    want_q, want_scale = rule(comp.array(name.format(i=i)), dtype)
                     assert np.array_equal(_bits(q[i]), _bits(want_q)), (component, path, i)
                     assert np.array_equal(_bits(scale[i]), _bits(want_scale)), (component, path, i)
         finally:
             comp.close()
 
 
+@TEXT
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_other_leaves_equal_the_bf16_conversion(family, dtype, checkpoints):
+def test_other_leaves_equal_the_bf16_conversion(family, dtype, text, checkpoints):
     """Every leaf but the quantized weights (their scales are new) is the bf16 conversion's, bit for bit:
-    the rest of the transformer, the VAE and the text encoder (bf16 by default)."""
-    bf16, ck = checkpoints(family, "bfloat16"), checkpoints(family, dtype)
+    the rest of the transformer, the VAE and the text encoder (bf16 by default; quantized, its embedding,
+    relative-position biases and norms)."""
+    bf16, ck = checkpoints(family, "bfloat16"), checkpoints(family, dtype, text)
     assert fmt.read_manifest(ck)["components"].keys() == fmt.read_manifest(bf16)["components"].keys()
     for component in fmt.read_manifest(bf16)["components"]:
         want, got = _arrays(bf16, component), _arrays(ck, component)
-        skip = set(_quantized(want)) if component.startswith("transformer") else set()
+        quantized = component.startswith("transformer") or (text and component == "text_encoder")
+        skip = set(_quantized(component, want)) if quantized else set()
         assert set(got) == set(want) | {f"{p}_scale" for p in skip}, component
         for path in sorted(set(want) - skip):
             assert got[path].dtype == want[path].dtype, (component, path)
@@ -152,7 +175,88 @@ def test_text_encoder_dtype_is_honoured(tmp_path):
         comp.close()
     vae = {a.dtype.name for a in _arrays(out, "vae").values()}
     assert vae == {"bfloat16", "float32"}
-    assert _cli(TINY, tmp_path / "bad", "--dtype", "int8", "--text-encoder-dtype", "int8").returncode == 2
+
+
+@pytest.mark.parametrize("dtype, text_dtype", [("float8_e4m3fn", "int8"), ("bfloat16", "float8_e4m3fn")])
+def test_text_encoder_quantized_beside_another_dtype(dtype, text_dtype, tmp_path):
+    """``--text-encoder-dtype`` quantized beside another ``--dtype`` (int8 beside e4m3, e4m3 beside bf16):
+    verified bit for bit; the manifest gives each component its dtype (``components`` override, the
+    ``quantization`` record names exactly the components holding quantized leaves) and the text encoder's
+    tree read from it is the quantized one."""
+    out = tmp_path / "ck"
+    run = _cli(TINY, out, "--dtype", dtype, "--text-encoder-dtype", text_dtype, "--no-hash", "-q", "--verify")
+    assert run.returncode == 0, run.stderr
+    policy = fmt.read_manifest(out)["dtype_policy"]
+    assert policy["weights"] == dtype and policy["components"] == {"text_encoder": text_dtype}
+    quantized = {"text_encoder": text_dtype} | ({"transformer": dtype} if dtype in fmt.QUANT_DTYPES else {})
+    assert policy["quantization"]["components"] == quantized
+    assert policy["quantization"]["max"] == {d: fmt.QUANT_DTYPES[d] for d in quantized.values()}
+    stored = _arrays(out, "text_encoder")
+    assert {p for p, a in stored.items() if a.dtype == fmt.np_dtype(text_dtype)} == set(TEXT_NAMES)
+    assert {f"{p}_scale" for p in TEXT_NAMES} <= set(stored)
+    assert stored["shared.weight"].dtype == fmt.np_dtype("bfloat16")
+    assert {a.dtype.name for p, a in _arrays(out, "transformer").items() if "_scale" not in p} <= \
+        {"bfloat16", "float32", dtype}
+
+
+def test_text_encoder_dtype_refuses_an_unknown_dtype(tmp_path):
+    """``--text-encoder-dtype int4``: exit 2, one line naming the flag, nothing written (the API: a
+    ValueError naming it too)."""
+    run = _cli(TINY, tmp_path / "bad", "--dtype", "int8", "--text-encoder-dtype", "int4")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "--text-encoder-dtype" in run.stderr and "int4" in run.stderr
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="--text-encoder-dtype: unsupported dtype 'int4'"):
+        convert(str(TINY), tmp_path / "bad", weights_dtype="int8", text_encoder_dtype="int4")
+
+
+#: relative (Frobenius) error of the tiny text encoder's prompt embeddings against the float32 encoder's
+#: (random weights; 3 prompts, 64 tokens, float32 compute), measured: bf16 storage 3.8e-3, int8 1.0e-2,
+#: e4m3 4.5e-2. The bounds are ~1.5x these; a broken rule lands far above them (scales dropped: 1.4, one
+#: scale per layer: 0.30, per input column: 0.35, int8 truncated instead of rounded to nearest: 2.2e-2)
+TEXT_EMB_REL = {"bfloat16": 6e-3, "int8": 1.5e-2, "float8_e4m3fn": 6e-2}
+PROMPTS = ("a red fox runs through the snow at dawn", "blurry, low quality, static", "一只猫在窗台上睡觉")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantized_text_encoder_prompt_embeddings(dtype, tmp_path, measured):
+    """``--dtype D --text-encoder-dtype D`` on the tiny repo: verify passes; the text encoder restores and,
+    through the pipeline's weight recast to float32 (``cast_weights``), keeps its block weights quantized
+    (no float copy); its prompt embeddings are close to the float32 encoder's, coarser than bf16 storage."""
+    from safetensors.numpy import load_file
+
+    from wan_convert.mapping import tree_from_state_dict
+    from wan_runtime import checkpoint as C
+    from wan_runtime import text
+    from wan_runtime.models import umt5
+    from wan_runtime.pipeline import cast_weights
+
+    out = tmp_path / "ck"
+    run = _cli(TINY, out, "--dtype", dtype, "--text-encoder-dtype", dtype, "--no-hash", "-q", "--verify")
+    assert run.returncode == 0 and "verified" in run.stdout, run.stderr
+    ck = C.open_checkpoint(out)
+    params, _ = C.restore(ck, ["text_encoder"])
+    params = cast_weights(params["text_encoder"], "float32")
+    leaves = fmt.flatten(params)
+    assert {p for p, a in leaves.items() if a.dtype == fmt.np_dtype(dtype)} == set(TEXT_NAMES)
+    assert all(leaves[f"{p}_scale"].dtype == np.float32 for p in TEXT_NAMES)
+    assert leaves["shared.weight"].dtype == np.float32  # upcast like any bf16 leaf
+
+    cfg, tok = umt5.UMT5Config.from_config(ck.config("text_encoder")), text.Tokenizer.from_file(
+        TINY / "tokenizer" / "tokenizer.json")
+    source = load_file(str(TINY / "text_encoder" / "model.safetensors"))
+
+    def embed(p):
+        return np.asarray(text.encode_prompts(p, cfg, tok, PROMPTS, max_length=64)[0], np.float64)
+
+    ref = embed(tree_from_state_dict("text_encoder", source, ck.config("text_encoder"), "float32"))
+    rel = {d: float(np.linalg.norm(e - ref) / np.linalg.norm(ref)) for d, e in (
+        ("bfloat16", embed(tree_from_state_dict("text_encoder", source, ck.config("text_encoder"), "bfloat16"))),
+        (dtype, embed(params)))}
+    measured(f"quant/text_encoder_prompt_rel_error/{dtype}", rel[dtype], bound=TEXT_EMB_REL[dtype],
+             bf16=rel["bfloat16"])
+    assert rel["bfloat16"] <= TEXT_EMB_REL["bfloat16"], rel
+    assert rel["bfloat16"] < rel[dtype] <= TEXT_EMB_REL[dtype], rel
 
 
 def _lora_file(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
@@ -359,11 +463,14 @@ def test_restore_quantized_sharded(mesh, tmp_path):
 
 
 def test_quantized_checkpoint_generates(tmp_path):
-    """WanPipeline on an e4m3 checkpoint (float32 activations) makes finite, non-constant frames."""
+    """WanPipeline on an e4m3 checkpoint, text encoder included (float32 activations), makes finite,
+    non-constant frames; the loaded text encoder keeps its block weights in e4m3."""
     from wan_runtime.pipeline import WanPipeline
 
-    ck = convert(str(TINY), tmp_path / "ck", weights_dtype="float8_e4m3fn", hash_source=False).output
+    ck = convert(str(TINY), tmp_path / "ck", weights_dtype="float8_e4m3fn", text_encoder_dtype="float8_e4m3fn",
+                 hash_source=False).output
     pipe = WanPipeline.from_converted(ck, dtype="float32")
+    assert pipe.params["text_encoder"]["blocks"]["ffn"]["wo"]["weight"].dtype == fmt.np_dtype("float8_e4m3fn")
     frames = np.asarray(pipe("a fox", height=32, width=32, num_frames=5, num_inference_steps=2, seed=0).frames)
     assert frames.size and np.isfinite(frames).all() and frames.std() > 0
 

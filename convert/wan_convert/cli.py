@@ -7,7 +7,7 @@ import sys
 import click
 
 from wan_runtime import errors
-from wan_runtime.format import QUANT_BASE, STORAGE_DTYPES, WEIGHT_DTYPES, FormatError
+from wan_runtime.format import QUANT_BASE, STORAGE_DTYPES, FormatError
 from wan_runtime.lora import LoraError
 from wan_runtime.sharding import MeshError
 
@@ -101,8 +101,9 @@ def _source_options(f):
               type=click.Choice(STORAGE_DTYPES), help="weights dtype (norms stay float32); float8_e4m3fn / int8 "
               "quantize the transformer blocks' 2-D weights (per-output-channel float32 scales), the rest "
               f"{QUANT_BASE}")
-@click.option("--text-encoder-dtype", type=click.Choice(WEIGHT_DTYPES), default=None,
-              help=f"the text encoder's weights dtype (default: {QUANT_BASE} with a quantized --dtype, else --dtype)")
+@click.option("--text-encoder-dtype", type=click.Choice(STORAGE_DTYPES), default=None,
+              help=f"the text encoder's weights dtype (default: {QUANT_BASE} with a quantized --dtype, else "
+              "--dtype); float8_e4m3fn / int8 quantize its blocks' 2-D weights as --dtype does the transformer's")
 @click.option("--mesh", default="1", show_default=True, help="target mesh for the chunk layout, e.g. fsdp=8")
 @click.option("--force", is_flag=True, help="replace an existing checkpoint at OUTPUT")
 @click.option("--threads", type=click.IntRange(1, 64), default=None, help=f"default {default_threads()}")

@@ -23,8 +23,9 @@ layers, so each unit stores its layer's scales into one buffer for the leaf (``_
 ``SMALL_LAYER_CHUNK`` times the layers) and the unit that completes it writes the chunk, once. A unit
 always holds whole rows: the value handed to the last transform is the whole layer, and a leaf with such
 a sibling is never split into row ranges.
-The text encoder is stored in ``text_encoder_dtype`` (default bfloat16 when quantizing), the other
-components by the usual rule for ``format.QUANT_BASE``.
+The text encoder is stored in ``text_encoder_dtype`` (default bfloat16 when quantizing): float8_e4m3fn or
+int8 quantizes its blocks' 2-D weights in the same way (``format.text_encoder_tree``), whatever
+``weights_dtype`` is; the other components follow the usual rule for ``format.QUANT_BASE``.
 
 Atomicity: everything is written into a hidden sibling of OUTPUT and renamed into place at the end; an
 existing OUTPUT is replaced only with ``force`` and only after the new checkpoint is complete.
@@ -535,7 +536,8 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
     ({"transformer" / "transformer_2": ["FILE[:STRENGTH]" or ``lora.Lora``, ...]}) are merged into those
     weights in order, in float32 before the cast (:func:`read_loras`); the manifest records them.
     ``weights_dtype`` float8_e4m3fn / int8 quantizes the transformer blocks' 2-D weights (module doc);
-    ``text_encoder_dtype`` (default: bfloat16 then, else ``weights_dtype``) is the text encoder's."""
+    ``text_encoder_dtype`` (default: bfloat16 then, else ``weights_dtype``) is the text encoder's, and
+    float8_e4m3fn / int8 quantizes its blocks' 2-D weights."""
     t0 = time.perf_counter()
     dtype_of = component_dtypes(weights_dtype, text_encoder_dtype)
     merged = read_loras(loras, lora_ignore_unknown)
@@ -564,7 +566,7 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
                 source={"id": repo.source_id, "revision": repo.revision, "files": hashes() if hashes else None},
                 mesh=sharding.format_mesh(mesh_shape), sharding_rules=sharding.DEFAULT_RULES, trees=trees,
                 partial=bool(only), model_index=repo.model_index)
-            _record_dtypes(manifest, weights_dtype, {c: dtype_of(c) for c in trees})
+            _record_dtypes(manifest, weights_dtype, trees, {c: dtype_of(c) for c in trees})
             if merged:
                 manifest["loras"] = {c: [lo.record() for lo in los] for c, los in merged.items()}
             _write_text(tmp / fmt.MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -583,26 +585,30 @@ def convert(source: str, output: str | os.PathLike, *, weights_dtype: str = "bfl
 def component_dtypes(weights_dtype: str, text_encoder_dtype: str | None = None):
     """``component -> the weights dtype its tree is built with``: ``weights_dtype``, except the text
     encoder's ``text_encoder_dtype`` (default: ``format.QUANT_BASE`` for a quantized ``weights_dtype``,
-    else ``weights_dtype``). ValueError for a dtype that is not one of the format's."""
+    else ``weights_dtype``; a quantized one quantizes its blocks). ValueError for a dtype that is not
+    one of the format's."""
     if weights_dtype not in fmt.STORAGE_DTYPES:
         raise ValueError(f"--dtype: unsupported weights dtype {weights_dtype!r} ({', '.join(fmt.STORAGE_DTYPES)})")
-    if text_encoder_dtype is not None and text_encoder_dtype not in fmt.WEIGHT_DTYPES:
+    if text_encoder_dtype is not None and text_encoder_dtype not in fmt.STORAGE_DTYPES:
         raise ValueError(f"--text-encoder-dtype: unsupported dtype {text_encoder_dtype!r} "
-                         f"({', '.join(fmt.WEIGHT_DTYPES)})")
+                         f"({', '.join(fmt.STORAGE_DTYPES)})")
     quantized = weights_dtype in fmt.QUANT_DTYPES
     text = text_encoder_dtype or (fmt.QUANT_BASE if quantized else weights_dtype)
     return lambda component: text if component == "text_encoder" else weights_dtype
 
 
-def _record_dtypes(manifest: dict, weights_dtype: str, dtypes: Mapping[str, str]) -> None:
+def _record_dtypes(manifest: dict, weights_dtype: str, trees: Mapping[str, dict], dtypes: Mapping[str, str]) -> None:
     """The manifest's ``dtype_policy``: ``components`` for a component stored in another dtype than
-    ``weights`` (``format.component_dtype`` reads it), ``quantization`` for a quantized checkpoint."""
+    ``weights`` (``format.component_dtype`` reads it), ``quantization`` naming the components whose
+    tree holds quantized leaves (``trees``, built with ``dtypes``), when some do."""
     policy = manifest["dtype_policy"]
     other = {c: d for c, d in dtypes.items() if d != weights_dtype}
     if other:
         policy["components"] = other
-    if weights_dtype in fmt.QUANT_DTYPES:
-        policy["quantization"] = Quantize.record(weights_dtype)
+    quantized = {c: d for c, d in dtypes.items()
+                 if d in fmt.QUANT_DTYPES and any(leaf.dtype == d for leaf in fmt.flatten(trees[c]).values())}
+    if quantized:
+        policy["quantization"] = Quantize.record(quantized)
     fmt.check_manifest(manifest)
 
 

@@ -21,11 +21,12 @@ A new transform is one class:
 - a quantizer is a last step: :meth:`Transform.store` writes the quantized values, and with
   ``outputs = ("scale",)`` the per-channel scales into the sibling leaf ``<path>_scale`` (a target of
   its own with the same sources and transforms and ``output="scale"``). :class:`Quantize` is the one
-  ``wan-convert --dtype float8_e4m3fn|int8`` puts last in the chain of every leaf the runtime's tree
-  declares quantized (after a :class:`LoraMerge`: the float32 sum is quantized). Its rule is
-  ``wan_runtime.quant.quantize_np``, which needs whole rows (the absmax of a row over its input axis):
-  ``store`` is handed the whole layer ``x`` whatever its region, so a region that splits the columns
-  (a chunk of a leaf sharded along its input axis) quantizes the region's whole rows and keeps its columns.
+  ``wan-convert --dtype float8_e4m3fn|int8`` (and ``--text-encoder-dtype``) puts last in the chain of
+  every leaf the runtime's tree declares quantized (after a :class:`LoraMerge`: the float32 sum is
+  quantized). Its rule is ``wan_runtime.quant.quantize_np``, which needs whole rows (the absmax of a
+  row over its input axis): ``store`` is handed the whole layer ``x`` whatever its region, so a region
+  that splits the columns (a chunk of a leaf sharded along its input axis) quantizes the region's whole
+  rows and keeps its columns.
 """
 from __future__ import annotations
 
@@ -128,9 +129,11 @@ class Quantize(Transform):
         np.copyto(out, (scale if output else q)[(slice(None), *region[1:])])
 
     @staticmethod
-    def record(dtype: str) -> dict:
-        """The manifest's ``dtype_policy.quantization`` for a checkpoint quantized to ``dtype``."""
-        return {"dtype": dtype, "scheme": "symmetric absmax per output channel", "max": fmt.QUANT_DTYPES[dtype],
+    def record(dtypes: Mapping[str, str]) -> dict:
+        """The manifest's ``dtype_policy.quantization`` for a checkpoint whose components ``dtypes`` (component
+        -> quantized dtype, e.g. {"transformer": "float8_e4m3fn", "text_encoder": "int8"}) hold quantized leaves."""
+        return {"components": dict(sorted(dtypes.items())), "scheme": "symmetric absmax per output channel",
+                "max": {d: fmt.QUANT_DTYPES[d] for d in sorted(set(dtypes.values()))},
                 "rounding": "nearest even, saturating", "scale": "<weight>_scale float32",
                 "rule": "wan_runtime.quant.quantize_np"}
 

@@ -109,8 +109,8 @@ def unflatten(flat: Mapping[str, Any]) -> Tree:
 class _Builder:
     """Collects the leaves of a param tree; ``weights_dtype`` goes through :func:`stored_dtype`. A
     quantized ``weights_dtype`` (``QUANT_DTYPES``) applies to the linears declared ``quantize=True`` (the
-    transformer blocks' 2-D weights), each with its per-output-channel scale leaf ``<weight>_scale``;
-    every other leaf takes ``QUANT_BASE`` by the usual rule."""
+    2-D weights of the transformer's and the text encoder's blocks), each with its per-output-channel
+    scale leaf ``<weight>_scale``; every other leaf takes ``QUANT_BASE`` by the usual rule."""
 
     def __init__(self, weights_dtype: str):
         self.quant = weights_dtype if weights_dtype in QUANT_DTYPES else None
@@ -188,18 +188,20 @@ def transformer_tree(cfg: configs.WanTransformerConfig, weights_dtype: str = "bf
 
 
 def text_encoder_tree(cfg: configs.UMT5Config, weights_dtype: str = "bfloat16") -> Tree:
-    """transformers ``UMT5EncoderModel`` (every layer has its own relative-position bias)."""
+    """transformers ``UMT5EncoderModel`` (every layer has its own relative-position bias). A quantized
+    ``weights_dtype`` quantizes the blocks' attention and FFN weights; the embedding ``shared`` (a
+    gather, not a matmul), the relative-position biases and the norms keep the usual rule."""
     c, b = configs.parse("text_encoder", cfg), _Builder(weights_dtype)
     d, L, F, inner = c.d_model, c.num_layers, c.d_ff, c.num_heads * c.d_kv
     b.add("shared.weight", (c.vocab_size, d), ("vocab", "embed"))
     for proj in ("q", "k", "v"):
-        b.linear(f"blocks.attn.{proj}", inner, d, ("heads", "embed"), bias=False, stack=L)
-    b.linear("blocks.attn.o", d, inner, ("embed", "heads"), bias=False, stack=L)
+        b.linear(f"blocks.attn.{proj}", inner, d, ("heads", "embed"), bias=False, stack=L, quantize=True)
+    b.linear("blocks.attn.o", d, inner, ("embed", "heads"), bias=False, stack=L, quantize=True)
     b.add("blocks.attn.relative_attention_bias.weight", (L, c.num_buckets, c.num_heads), ("layers", None, None))
     b.norm("blocks.attn_norm", d, stack=L)
-    b.linear("blocks.ffn.wi_0", F, d, ("mlp", "embed"), bias=False, stack=L)
-    b.linear("blocks.ffn.wi_1", F, d, ("mlp", "embed"), bias=False, stack=L)
-    b.linear("blocks.ffn.wo", d, F, ("embed", "mlp"), bias=False, stack=L)
+    b.linear("blocks.ffn.wi_0", F, d, ("mlp", "embed"), bias=False, stack=L, quantize=True)
+    b.linear("blocks.ffn.wi_1", F, d, ("mlp", "embed"), bias=False, stack=L, quantize=True)
+    b.linear("blocks.ffn.wo", d, F, ("embed", "mlp"), bias=False, stack=L, quantize=True)
     b.norm("blocks.ffn_norm", d, stack=L)
     b.norm("final_norm", d)
     return b.tree()
@@ -261,8 +263,9 @@ class FormatError(ValueError):
 
 #: the dtypes a checkpoint's weights may be stored in (``dtype_policy.weights``; norms stay float32)
 WEIGHT_DTYPES = ("bfloat16", "float16", "float32")
-#: quantized storage of the transformer blocks' 2-D weights, symmetric absmax per output channel: the
-#: largest magnitude each maps to (scale = max|row| / this); every other leaf is stored in ``QUANT_BASE``
+#: quantized storage of the transformer's and text encoder's block 2-D weights, symmetric absmax per output
+#: channel: the largest magnitude each maps to (scale = max|row| / this); every other leaf is stored in
+#: ``QUANT_BASE``
 QUANT_DTYPES = {"float8_e4m3fn": 448.0, "int8": 127.0}
 QUANT_BASE = "bfloat16"
 #: everything ``dtype_policy.weights`` may say
@@ -311,8 +314,8 @@ def check_manifest(m: Mapping[str, Any], path: str | pathlib.Path = MANIFEST) ->
     if not isinstance(policy, dict) or policy.get("weights") not in STORAGE_DTYPES:
         raise FormatError(f"{path}: 'dtype_policy.weights' must be {', '.join(STORAGE_DTYPES[:-1])} or "
                           f"{STORAGE_DTYPES[-1]}")
-    if any(c not in COMPONENTS or d not in WEIGHT_DTYPES for c, d in policy.get("components", {}).items()):
-        raise FormatError(f"{path}: 'dtype_policy.components' maps components to {', '.join(WEIGHT_DTYPES)}")
+    if any(c not in COMPONENTS or d not in STORAGE_DTYPES for c, d in policy.get("components", {}).items()):
+        raise FormatError(f"{path}: 'dtype_policy.components' maps components to {', '.join(STORAGE_DTYPES)}")
     return dict(m)
 
 
@@ -360,7 +363,7 @@ def recast_dtype(path: str, current: str, weights_dtype: str | None) -> str:
 
 def component_dtype(policy: Mapping[str, Any], component: str) -> str:
     """The weights dtype a manifest's ``dtype_policy`` gives ``component`` (``components`` overrides
-    ``weights``, e.g. a bf16 text encoder beside an fp8 transformer)."""
+    ``weights``, e.g. a bf16 text encoder beside an fp8 transformer, or an int8 one beside a bf16 one)."""
     return policy.get("components", {}).get(component, policy["weights"])
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from ..configs import WanTransformerConfig
 from . import context_parallel
 from .attention import preferred_multiple
-from .layers import E4M3, dense, layer_norm, rms_norm
+from .layers import dense, layer_norm, rms_norm, scan_layers
 
 F32 = jnp.float32
 
@@ -216,12 +216,9 @@ def _pad_axis(a, n, axis):
     return jnp.pad(a, [(0, n if i == axis else 0) for i in range(a.ndim)])
 
 
-_FP8_AS = jnp.dtype(jnp.uint8)  # fp8 block weights cross the layer scan as their bytes (run_blocks)
-
-
 def run_blocks(params, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype, *, pad_to: int | None = None,
                layout=None):
-    """All blocks: ``lax.scan`` over the stacked layer axis of params['blocks'] and of kv.
+    """All blocks: ``lax.scan`` (``layers.scan_layers``) over the stacked layer axis of params['blocks'] and of kv.
 
     pad_to: the S tokens (x, rope, per-token temb_proj) are zero-padded to a multiple of it for the
     attention kernel (None: ``preferred_multiple`` of the backend and the tokens per shard, 1: no
@@ -249,15 +246,9 @@ def run_blocks(params, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype,
 
     def step(x, layer):
         p, kv_l = layer
-        p = jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, E4M3) if a.dtype == _FP8_AS else a, p)
         return block(p, x, temb_proj, rope, kv_l, cfg, dtype, key_mask=key_mask, layout=layout), None
 
-    # fp8 weights cross the loop as their bytes: a backend without native fp8 slicing (XLA:CPU) would
-    # otherwise convert the whole stacked weights to f16 once, out of the loop (measured: +22 GiB of
-    # temporaries for an fp8 A14B expert at 720p); a bitcast costs nothing
-    blocks = jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, _FP8_AS) if a.dtype == E4M3 else a,
-                          params["blocks"])
-    x, _ = jax.lax.scan(step, x, (blocks, kv))
+    x, _ = scan_layers(step, x, (params["blocks"], kv))  # fp8 weights cross the loop as their bytes
     return x[:, :S] if pad else x
 
 

@@ -5,7 +5,8 @@ Per layer (pre-norm, residual stream in the compute dtype):
     x = x + o(softmax(q k^T + bias_l + mask) v)      no 1/sqrt(d) scaling; bias_l: this layer's relative
                                                      position bias (UMT5 has one table per layer)
     x = x + wo(gelu_tanh(wi_0 h) * wi_1 h),  h = rms_norm(x)
-Norms, attention logits and softmax run in float32.
+Norms, attention logits and softmax run in float32. Quantized block weights (fp8 / int8 with
+``weight_scale``, ``format.text_encoder_tree``) are multiplied as stored by ``layers.dense``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..configs import UMT5Config
-from .layers import dense, rms_norm
+from .layers import dense, rms_norm, scan_layers
 
 
 def relative_position_buckets(q_len: int, k_len: int, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -68,5 +69,5 @@ def encode(params: Mapping[str, Any], cfg: UMT5Config, input_ids: jax.Array, att
         return x + lin(g, f["wo"]), None
 
     x = jnp.take(params["shared"]["weight"], input_ids, axis=0).astype(dtype)  # (B, S, d)
-    x, _ = jax.lax.scan(layer, x, params["blocks"])
+    x, _ = scan_layers(layer, x, params["blocks"])  # quantized (fp8) weights cross the loop as their bytes
     return rms_norm(x, params["final_norm"]["weight"], cfg.eps, jnp.float32)
