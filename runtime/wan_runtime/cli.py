@@ -2,13 +2,17 @@
 
 Every flag is checked before any weights load (``RunConfig``: defaults <- the checkpoint's own configs <-
 the preset <- flags); bad input is one line naming the flag, exit code 2 (``--debug``: the traceback).
+``--prompts FILE`` makes a video per line with one load: every line is checked first (a bad one is named as
+FILE:LINE), then lines of one settings class (``RunConfig.batch_key``) run in batches of ``--max-batch``.
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import sys
 import time
+from typing import Any, NamedTuple
 
 import click
 
@@ -19,6 +23,9 @@ from .format import WEIGHT_DTYPES as DTYPES
 SETTINGS = ("height", "width", "frames", "steps", "guidance", "guidance_2", "flow_shift", "scheduler", "seed",
             "fps", "mesh", "negative_prompt", "cache", "cache_thresh", "cache_k", "cache_retention", "cache_model",
             "cache_calibration", "cfg_cache_interval", "cfg_cache_start", "teacache_thresh", "firstblock_thresh")
+#: what a --prompts JSONL line may set besides "prompt" and "output" (a file name): the settings of one video;
+#: the load's own (--mesh, --dtype, --lora, ...) are the command line's
+LINE_FIELDS = tuple(k for k in SETTINGS if k != "mesh") + ("image",)
 
 
 class UsageError(ValueError):
@@ -54,7 +61,14 @@ def _opt(group: str, *decls, **kw):
 _G, _I, _P, _C, _D, _O = "Generation", "Image and video inputs", "Precision", "Step caching", "Devices and compilation", "Output"
 OPTIONS = [
     _opt(_G, "--checkpoint", required=True, type=click.Path(), help="a checkpoint written by wan-convert"),
-    _opt(_G, "--prompt", default=None, help="required unless --plan"),
+    _opt(_G, "--prompt", default=None, help="required unless --plan or --prompts"),
+    _opt(_G, "--prompts", type=click.Path(), default=None, metavar="FILE",
+         help="many videos, one load: a prompt per non-empty line, or JSONL: per line an object with \"prompt\", "
+              "settings named as these flags with underscores (seed, steps, negative_prompt, ...) and \"output\" "
+              "(a file name); --output is then a folder, written NNNN.mp4 + .json per line"),
+    _opt(_G, "--max-batch", type=click.IntRange(1), default=4, show_default=True,
+         help="--prompts: videos per batch (lines that differ only in prompt, negative prompt and seed run as "
+              "one batch)"),
     _opt(_G, "--negative-prompt", default=None, help="default: the preset's, else Wan's standard negative prompt"),
     _opt(_G, "--preset", default=None, help="configs/ preset name or .toml path (default: matched to the checkpoint)"),
     _opt(_G, "--height", type=int, default=None), _opt(_G, "--width", type=int, default=None),
@@ -125,8 +139,9 @@ OPTIONS = [
          "(default ~/.cache/wan-jax/xla or $WAN_JAX_COMPILATION_CACHE)"),
     _opt(_D, "--executable-cache", is_flag=True, help="also keep serialized executables (skips tracing; "
          "experimental, see compile_cache.py)"),
-    _opt(_O, "--output", "-o", default="out.mp4", show_default=True,
-         help="out.mp4, or out.npy for float32 frames in [0, 1]"),
+    _opt(_O, "--output", "-o", default=None,
+         help="out.mp4 (the default), or out.npy for float32 frames in [0, 1]; with --prompts: a folder (default "
+              "out), created if missing"),
     _opt(_O, "--fps", type=int, default=None),
     _opt(_O, "--plan", is_flag=True, help="print the per-device memory of this generation (weights, K/V cache, "
          "each stage from XLA's memory analysis) and whether it fits; loads no weights, runs on CPU for any size"),
@@ -173,24 +188,15 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 def run(flags: dict) -> None:
-    """Check everything that can be checked, then load, generate and write."""
+    """Check everything that can be checked (every line of --prompts), then load once, generate and write."""
     from . import distributed
-    from .checkpoint import open_checkpoint
-    from .pipeline import WanPipeline
+    from .runconfig import group_batches
 
     if flags["plan"]:
         return print_plan(flags)
-    out = _output(flags["output"])
-    if not (flags["prompt"] or "").strip():
-        raise UsageError("--prompt: missing or empty")
-    ckpt = open_checkpoint(flags["checkpoint"])
-    image, init = _image(flags["image"]), _latents(flags["latents"])
-    config = _config(ckpt, flags, image is not None)
-    if init is not None:
-        config.check_latents(ckpt, init.shape)
-    _warn_truncation(ckpt, flags["prompt"], config)
+    ckpt, jobs = _file_jobs(flags) if flags["prompts"] is not None else _flag_job(flags)
     loras = _loras(ckpt, flags)
-    for note in config.notes():
+    for note in dict.fromkeys(n for job in jobs for n in job.config.notes()):
         click.echo(f"wan-run: note: {note}", err=True)
     distributed.initialize(flags["coordinator"], flags["num_processes"], flags["process_id"],
                            flags["local_device_ids"])  # before any other JAX call
@@ -199,25 +205,182 @@ def run(flags: dict) -> None:
 
         if fp8_matmul_support():
             raise UsageError(f"--fp8-matmul: {fp8_matmul_support()}")
-    pipe = WanPipeline.from_converted(
+    pipe = _load(ckpt, flags, jobs[0].config)
+    pipe.set_loras(*loras)
+    keys = [job.batch_key() for job in jobs]
+    for batch in group_batches(keys, flags["max_batch"]):
+        _generate(pipe, [jobs[i] for i in batch], flags, ckpt)
+
+
+class Job(NamedTuple):
+    """One video to make: its prompt and settings, inputs (and the paths the sidecar names), output file."""
+
+    prompt: str
+    config: Any
+    out: pathlib.Path
+    image: Any = None
+    image_path: str | None = None
+    latents: Any = None
+    latents_path: str | None = None
+    where: str = ""  # "FILE:LINE: " for a --prompts line
+
+    def batch_key(self):
+        """Jobs with equal keys run as one batch: one settings class, output type and image presence."""
+        key = self.config.batch_key()
+        return None if key is None else (key, self.out.suffix, self.image is None)
+
+
+def _flag_job(flags: dict) -> tuple[Any, list[Job]]:
+    """The checkpoint and the one video of --prompt and the other flags."""
+    from .checkpoint import open_checkpoint
+
+    out = _output(flags["output"] or "out.mp4")
+    if not (flags["prompt"] or "").strip():
+        raise UsageError("--prompt: missing or empty")
+    ckpt = open_checkpoint(flags["checkpoint"])
+    return ckpt, [_job(ckpt, flags, flags["prompt"], out)]
+
+
+def _job(ckpt, flags: dict, prompt: str, out: pathlib.Path, where: str = "", tokenizer=None) -> Job:
+    """A job of ``prompt`` with ``flags``' settings (or a --prompts line's: ``where`` names it), checked:
+    image, latents, settings; a long prompt's warning said now."""
+    image, latents = _image(flags["image"]), _latents(flags["latents"])
+    config = _config(ckpt, flags, image is not None)
+    if latents is not None:
+        config.check_latents(ckpt, latents.shape)
+    _warn_truncation(tokenizer or _tokenizer(ckpt), prompt, config, where)
+    return Job(prompt, config, out, image, flags["image"], latents, flags["latents"], where)
+
+
+def _file_jobs(flags: dict) -> tuple[Any, list[Job]]:
+    """--prompts: the checkpoint and a job per non-empty line, every line checked before any weights load (a
+    bad one: one error naming FILE:LINE and the field); then the output folder is made."""
+    from .checkpoint import open_checkpoint
+
+    for flag in ("prompt", "latents"):
+        if flags[flag] is not None:
+            raise UsageError(f"--{flag}: not with --prompts (one --prompts line is one video)")
+    lines, jsonl = _prompt_lines(flags["prompts"])
+    folder = pathlib.Path(flags["output"] or "out")
+    if folder.suffix in (".mp4", ".npy") or (folder.exists() and not folder.is_dir()):
+        raise UsageError(f"--output: with --prompts, a folder for the videos, not {folder}")
+    ckpt = open_checkpoint(flags["checkpoint"])
+    tokenizer, jobs = _tokenizer(ckpt), []
+    for index, (number, text) in enumerate(lines):
+        where = f"{flags['prompts']}:{number}: "
+        try:
+            prompt, name, line_flags = _line_flags(flags, _parse_line(text) if jsonl else {"prompt": text})
+            out = folder / _output_name(name, index, [job.out.name for job in jobs])
+            jobs.append(_job(ckpt, line_flags, prompt, out, where, tokenizer))
+        except Exception as e:  # noqa: BLE001 - bad input: one line naming the file and line
+            if not _is_user_error(e):
+                raise
+            raise UsageError(f"--prompts: {where}{errors.one_line(e)}") from None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output: cannot make folder {folder} ({errors.one_line(e)})") from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--output: folder {folder} is not writable")
+    return ckpt, jobs
+
+
+def _prompt_lines(path: str) -> tuple[list[tuple[int, str]], bool]:
+    """(line number, text) of each non-empty line of a --prompts file, and whether it is JSONL (its first
+    non-empty line starts with "{")."""
+    try:
+        text = pathlib.Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--prompts: cannot read {path} ({errors.one_line(e)})") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise UsageError(f"--prompts: {path} has no prompts")
+    return lines, lines[0][1].startswith("{")
+
+
+def _parse_line(text: str) -> dict:
+    """A --prompts JSONL line: one JSON object."""
+    try:
+        line = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"not a JSON object ({errors.one_line(e)})") from None
+    if not isinstance(line, dict):
+        raise UsageError(f"not a JSON object with \"prompt\": {text[:60]}")
+    return line
+
+
+def _line_flags(flags: dict, line: dict) -> tuple[str, str | None, dict]:
+    """A --prompts line's prompt, output name and flags: the command line's, with the line's settings."""
+    unknown = sorted(set(line) - set(LINE_FIELDS) - {"prompt", "output"})
+    if unknown:
+        raise UsageError(f"{unknown[0]!r}: not a per-line setting (those are prompt, output, {', '.join(LINE_FIELDS)})")
+    prompt = line.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UsageError("prompt: missing or empty")
+    settings = {k: _line_value(k, v) for k, v in line.items() if k in LINE_FIELDS and v is not None}
+    return prompt.strip(), line.get("output"), {**flags, **settings}
+
+
+def _line_value(name: str, value):
+    """A --prompts line's value, checked as the flag's own type (range, choices) checks the command line's."""
+    option = next(o for o in main.params if o.name == name)
+    flag = option.opts[0]
+    if isinstance(option.type, click.types.IntParamType):
+        want, what = int, "an integer"
+    elif isinstance(option.type, click.types.FloatParamType):
+        want, what = (int, float), "a number"
+    else:
+        want, what = str, "a string"
+    if isinstance(value, bool) or not isinstance(value, want):
+        raise UsageError(f"{flag}: expected {what}, got {json.dumps(value)}")
+    try:
+        return option.type.convert(value, option, None)
+    except click.BadParameter as e:
+        raise UsageError(f"{flag}: {e.message}") from None
+
+
+def _output_name(name, index: int, taken: list[str]) -> str:
+    """A --prompts line's output file: its "output" (a file name ending .mp4 or .npy), else NNNN.mp4."""
+    if name is None:
+        name = f"{index:04d}.mp4"
+    elif not isinstance(name, str) or pathlib.Path(name).name != name or pathlib.Path(name).suffix not in (
+            ".mp4", ".npy"):
+        raise UsageError(f"output: a file name ending in .mp4 or .npy, not {json.dumps(name)}")
+    if name in taken:
+        raise UsageError(f"output: {name} is an earlier line's output too")
+    return name
+
+
+def _load(ckpt, flags: dict, config):
+    from .pipeline import WanPipeline
+
+    return WanPipeline.from_converted(
         ckpt.root, mesh=config.mesh, dtype=_dtypes(flags), compilation_cache=flags["compile_cache"],
         executable_cache=flags["executable_cache"] or None, context_attention=flags["context_attention"],
         kv_cache=flags["kv_cache"], vae_chunk=flags["vae_chunk"], vae_precision=flags["vae_precision"],
         preset=config.preset, offload=flags["offload"], quantize=flags["quantize"], fp8_matmul=flags["fp8_matmul"])
-    pipe.set_loras(*loras)
+
+
+def _generate(pipe, jobs: list[Job], flags: dict, ckpt) -> None:
+    """One batch of jobs (one job: wan-run's single video) through the pipeline, then each one written."""
+    from . import distributed
+
+    config = jobs[0].config
     bar = _progress_bar(config.steps, flags["quiet"])
-    gen = pipe.generate(flags["prompt"], config, image=image, latents=init,
-                        output_type="np" if out.suffix == ".npy" else "uint8",
-                        progress=(lambda i: bar.update(1)) if bar is not None else None)
+    gens = pipe.generate_batch([j.prompt for j in jobs], [j.config for j in jobs], images=[j.image for j in jobs],
+                               latents=[j.latents for j in jobs],
+                               output_type="np" if jobs[0].out.suffix == ".npy" else "uint8",
+                               progress=(lambda i: bar.update(1)) if bar is not None else None)
     if bar is not None:
         bar.close()
-    for w in gen.warnings:
-        click.echo(f"wan-run: warning: {w}", err=True)
-    if gen.block_runs is not None:
-        click.echo(f"cache {config.cache.name}: ran the blocks {int(gen.block_runs.sum())} of "
-                   f"{config.steps * len(gen.block_runs)} times")
-    if distributed.is_main():  # every process computed; process 0 writes
-        _write(out, gen, flags, ckpt, pipe)
+    for job, gen in zip(jobs, gens):
+        for w in gen.warnings:
+            click.echo(f"wan-run: warning: {job.where}{w}", err=True)
+        if gen.block_runs is not None:
+            click.echo(f"cache {config.cache.name}: ran the blocks {int(gen.block_runs.sum())} of "
+                       f"{config.steps * len(gen.block_runs)} times")
+        if distributed.is_main():  # every process computed; process 0 writes
+            _write(job, gen, flags, ckpt, pipe, summary=job is jobs[-1])
 
 
 def print_plan(flags: dict) -> None:
@@ -323,15 +486,20 @@ def _latents(path):
         raise UsageError(f"--latents: cannot read {path} ({errors.one_line(e)})") from None
 
 
-def _warn_truncation(ckpt, prompt: str, config) -> None:
-    """Long prompts are truncated, as diffusers does: say so now, not after the load and the generation."""
-    from .text import Tokenizer, tokenize_prompts
+def _tokenizer(ckpt):
+    from .text import Tokenizer
 
-    tok = Tokenizer.from_file(ckpt.root / "tokenizer" / "tokenizer.json")
-    _, _, truncated = tokenize_prompts(tok, [prompt, config.negative_prompt], config.max_sequence_length)
+    return Tokenizer.from_file(ckpt.root / "tokenizer" / "tokenizer.json")
+
+
+def _warn_truncation(tokenizer, prompt: str, config, where: str = "") -> None:
+    """Long prompts are truncated, as diffusers does: say so now, not after the load and the generation."""
+    from .text import tokenize_prompts
+
+    _, _, truncated = tokenize_prompts(tokenizer, [prompt, config.negative_prompt], config.max_sequence_length)
     for flag, cut in zip(("--prompt", "--negative-prompt"), truncated):
         if cut:
-            click.echo(f"wan-run: warning: {flag} is longer than {config.max_sequence_length} tokens; it is "
+            click.echo(f"wan-run: warning: {where}{flag} is longer than {config.max_sequence_length} tokens; it is "
                        "truncated", err=True)
 
 
@@ -343,50 +511,28 @@ def _progress_bar(steps: int, quiet: bool):
     return tqdm(total=steps, desc="denoise", unit="step", leave=False)
 
 
-def _write(out: pathlib.Path, gen, flags: dict, ckpt, pipe) -> None:
-    """The video (or .npy frames) and the sidecar JSON: prompt, model, every resolved setting, timings."""
-    import dataclasses
-
+def _write(job: Job, gen, flags: dict, ckpt, pipe, summary: bool = True) -> None:
+    """The video (or .npy frames) and the sidecar JSON: prompt, model, every resolved setting, timings (a
+    batch's videos: the batch's, printed with its last video: ``summary``)."""
     from .video import write_mp4, write_npy, write_sidecar
 
-    t0 = time.perf_counter()
+    out, t0 = job.out, time.perf_counter()
     if out.suffix == ".npy":
         write_npy(out, gen.frames)
     else:
         write_mp4(out, gen.frames, fps=gen.config.fps)
     write_seconds = time.perf_counter() - t0
-    record = {
-        "prompt": flags["prompt"], "negative_prompt": gen.config.negative_prompt, "seed": gen.config.seed,
-        "model": {"checkpoint": str(ckpt.root.resolve()), "family": ckpt.family,
-                  "source": ckpt.manifest.get("source", {}).get("id")},
-        "preset": gen.config.preset,
-        "settings": gen.config.record() | {
-            "dtypes": dataclasses.asdict(pipe.dtypes), "offload": pipe.offload, "quantize": flags["quantize"],
-            "weights": pipe.ckpt.manifest["dtype_policy"]["weights"], "fp8_matmul": pipe.fp8_matmul,
-            "loras": {c: [lo.record() for lo in los] for c, los in pipe.loras.items() if los},
-            "kv_cache": pipe.kv_cache, "vae_chunk": pipe.vae_chunk,
-            "vae_precision": pipe.vae_precision,
-            "block_runs": None if gen.block_runs is None else gen.block_runs.tolist(),
-            "latents": flags["latents"], "image": flags["image"]},
-        "devices": _devices(),
-        "timings": gen.timings.as_dict() | {"write": round(write_seconds, 4)},
-        "wan_run": __version__,
-    }
+    record = pipe.record(gen, job.prompt, quantize=flags["quantize"], latents=job.latents_path,
+                         image=job.image_path)
+    record["timings"]["write"] = round(write_seconds, 4)
+    record["wan_run"] = __version__
     write_sidecar(out, record)
     d = record["devices"]
-    click.echo(f"devices: {d['count']} x {d['kind']} ({d['backend']}, {d['processes']} process(es))")
-    click.echo(gen.timings.summary())
+    if summary:
+        click.echo(f"devices: {d['count']} x {d['kind']} ({d['backend']}, {d['processes']} process(es))")
+        click.echo(gen.timings.summary())
     click.echo(f"wrote {out} ({gen.frames.shape[0]} frames, {gen.frames.shape[2]}x{gen.frames.shape[1]}) "
                f"and {out.with_suffix('.json')}")
-
-
-def _devices() -> dict:
-    """The backend, device kind and count the run used (recorded in the sidecar, printed at the end)."""
-    import jax
-
-    devices = jax.devices()
-    return {"backend": jax.default_backend(), "kind": devices[0].device_kind, "count": len(devices),
-            "processes": jax.process_count(), "jax": jax.__version__}
 
 
 if __name__ == "__main__":

@@ -62,13 +62,16 @@ def _timesteps(t, mask, b: int, st: LoopSpec):
 
 
 def model_eval(params, tcfg, kv, x, t, cond, mask, rope, grid, st: LoopSpec, plan=None, cache=None):
-    """Flow prediction for latents x (1, C, F, H, W): cond and uncond as one batch of two.
+    """Flow prediction for latents x (B, C, F, H, W) of B videos: with CFG, one batch of 2B rows, the B
+    conditional rows then the B unconditional ones (the order of the text rows in ``kv``).
 
     ``kv`` is every block's precomputed cross-attention K/V, or (kv_cache off) the context it is made
     from, in which case the projections are recomputed here, every step (the reference behaviour).
     With step caching, ``plan`` is this step's row of the host plan (compute cond, compute uncond, uncond
     from the CFG cache) and ``cache`` holds each row's last block residual, the last cond - uncond
-    difference, block-run counters and the policy's own state."""
+    difference, block-run counters and the policy's own state; it runs one video at a time (B = 1)."""
+    if st.policy is not None and x.shape[0] > 1:
+        raise ValueError(f"step caching runs one video at a time, not a batch of {x.shape[0]}")
     if not st.kv_cache:
         kv = tr.cross_kv(params, tcfg, kv, st.dtype, st.n_image)
     xin = model_input(x, cond, mask, st)
@@ -170,8 +173,9 @@ def denoise(params, kv, x, sstate, cache, cond, mask, arrays, timesteps, rope, p
         i = start + j
         v, cache = model_eval(params, st.tcfg, kv, x, timesteps[i], cond, mask, rope, grid, st,
                               None if plan is None else plan[i], cache)
-        if st.cfg:
-            v = v[1:] + guidance * (v[:1] - v[1:])
+        if st.cfg:  # rows [cond of each video, uncond of each video]
+            b = x.shape[0]
+            v = v[b:] + guidance * (v[:b] - v[b:])
         x, sstate = schedulers.step(arrays, sstate, i, v, x, dtype=st.sched_dtype)
         if cache is not None:
             cache = {**cache, "ratios": cache["ratios"].at[i].set(cache["ratio"])}

@@ -4,6 +4,8 @@
 
 ``WanPipeline.__call__`` resolves the settings into one ``RunConfig`` (runconfig.py) and ``generate``
 composes the stages; the result is a ``Generation`` (frames, latents, timings, block runs, warnings).
+``generate_batch`` runs the same stages for B videos of one settings class (``RunConfig.batch_key``) at
+once, and ``generate`` is its batch of one: one code path.
 Families differ by their ``families.Family`` entry (experts, how an image conditions the model, CLIP
 tokens), never by copied pipeline code. The per-generation work outside the loop is done once: text
 embeddings (positive and negative in one batch), the text embedder and every block's cross-attention K/V
@@ -18,7 +20,7 @@ import functools
 import os
 import pathlib
 import time
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,7 @@ from .compile_cache import ExecutableCache
 from .models import transformer as tr
 from .models import umt5
 from .models import vae as vae_lib
-from .runconfig import DEFAULT_NEGATIVE, Dtypes, InputError, RunConfig  # noqa: F401  (the API's names)
+from .runconfig import DEFAULT_NEGATIVE, Dtypes, InputError, RunConfig, group_batches  # noqa: F401  (the API's names)
 from .text import Tokenizer, embed_tokens, tokenize_prompts
 
 
@@ -108,7 +110,7 @@ def _conditions(p, text_emb, image_emb, c, dtype, kv_cache=True):
     ctx, n_image = tr.embed_text(p, c, text_emb, dtype), 0
     if image_emb is not None and c.image_dim:
         img = tr.embed_image(p, c, image_emb, dtype)
-        img = jnp.broadcast_to(img, (ctx.shape[0],) + img.shape[1:])
+        img = jnp.tile(img, (ctx.shape[0] // img.shape[0], 1, 1))  # B videos' tokens for 2B rows with CFG
         ctx, n_image = jnp.concatenate([img.astype(ctx.dtype), ctx], axis=1), img.shape[1]
     return tr.cross_kv(p, c, ctx, dtype, n_image) if kv_cache else ctx
 
@@ -168,9 +170,14 @@ class Timings:
 
 
 class TextCondition(NamedTuple):
-    embeddings: jax.Array  # (1 or 2, max_sequence_length, d): prompt (and negative prompt)
+    embeddings: jax.Array  # (B or 2B, max_sequence_length, d): the B prompts (then their negative prompts)
     token_counts: np.ndarray
     truncated: tuple[bool, ...]
+
+    def video(self, i: int, n: int) -> tuple[np.ndarray, tuple[bool, ...]]:
+        """Video i of a batch of n: its rows' token counts and truncation flags (prompt, negative prompt)."""
+        rows = [i, n + i] if len(self.token_counts) > n else [i]
+        return self.token_counts[rows], tuple(self.truncated[r] for r in rows)
 
 
 class ImageCondition(NamedTuple):
@@ -209,6 +216,11 @@ class Generation:
 #: the Python API's (diffusers') argument names -> RunConfig fields
 API_NAMES = {"num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance",
              "guidance_scale_2": "guidance_2", "boundary_ratio": "boundary"}
+
+
+#: the stages whose block matmuls ``fp8_matmul`` runs as fp8 x fp8 (the transformer's); the text encoder
+#: stays weight-only (fp8 activations cost it 6.2e-2 relative error against 4.5e-2 with e4m3 weights alone)
+FP8_MATMUL_STAGES = ("conditions", "denoise")
 
 
 class WanPipeline:
@@ -349,40 +361,86 @@ class WanPipeline:
         return RunConfig(height=height, width=width, frames=num_frames).latent_shape(self.ckpt)
 
     # ------------------------------------------------------------------ generation
-    def __call__(self, prompt: str, negative_prompt: str | None = None, *, image=None, latents=None,
-                 output_type: str = "np", cache=None, progress: Callable[[int], None] | None = None,
-                 **settings) -> Generation:
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                 image=None, latents=None, output_type: str = "np", cache=None,
+                 progress: Callable[[int], None] | None = None, num_videos_per_prompt: int = 1,
+                 **settings) -> "Generation | list[Generation]":
         """Generate from a prompt. ``settings``: height, width, num_frames, num_inference_steps,
         guidance_scale, guidance_scale_2, seed, flow_shift, scheduler, max_sequence_length, ... (defaults:
         the pipeline's preset, else the checkpoint's own configs, else RunConfig's). ``image``: a path or
         PIL image for image-to-video models. ``latents``: initial latents (C, F', H', W') or with a batch
         axis. ``output_type``: "np" (float32 frames in [0, 1]) or "uint8". ``cache``: a step-caching
-        ``caching.Policy`` (or a policy name). ``progress(i)`` is called after step i."""
-        config = self.config(image=image is not None, cache=cache, negative_prompt=negative_prompt, **settings)
-        return self.generate(prompt, config, image=image, latents=latents, output_type=output_type, progress=progress)
+        ``caching.Policy`` (or a policy name). ``progress(i)`` is called after step i.
+
+        Several videos: a list of prompts, or ``num_videos_per_prompt`` > 1, returns a list of Generation in
+        prompt-major order (each prompt's videos together); the k-th video of the list uses seed ``seed + k``.
+        ``negative_prompt`` and ``image`` are then one for every prompt, or a list with one per prompt;
+        ``latents``, if given, has one row per video: (N, C, F', H', W'). The videos run as one batch
+        (``generate_batch``: each equal to its own generation with its seed, up to float rounding), or one
+        at a time under a step-caching policy. A str prompt with one video returns one Generation."""
+        single = isinstance(prompt, str) and num_videos_per_prompt == 1
+        prompts, configs, images, inits = self._videos(prompt, negative_prompt, image, latents,
+                                                       num_videos_per_prompt, cache, settings)
+        gens = [g for batch in group_batches([c.batch_key() for c in configs]) for g in self.generate_batch(
+            [prompts[i] for i in batch], [configs[i] for i in batch], images=[images[i] for i in batch],
+            latents=[inits[i] for i in batch], output_type=output_type, progress=progress)]
+        return gens[0] if single else gens
+
+    def _videos(self, prompt, negative_prompt, image, latents, per_prompt: int, cache, settings: dict):
+        """``__call__``'s videos, prompt-major: (prompts, configs, images, initial latents), one each; the
+        k-th video's seed is the resolved seed + k."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or per_prompt < 1:
+            raise InputError(f"--prompt: {len(prompts)} prompts, {per_prompt} videos per prompt (need >= 1 of each)")
+        negatives, images = (_per_prompt(v, len(prompts), name) for v, name in
+                             ((negative_prompt, "negative_prompt"), (image, "image")))
+        configs = []
+        for neg, img in zip(negatives, images):
+            base = self.config(image=img is not None, cache=cache, negative_prompt=neg, **settings)
+            for _ in range(per_prompt):  # the k-th video overall: seed + k
+                seed = base.seed + len(configs)
+                configs.append(dataclasses.replace(base, seed=seed).validate(self.ckpt, img is not None))
+        n, repeat = len(configs), lambda xs: [x for x in xs for _ in range(per_prompt)]  # noqa: E731
+        return repeat(prompts), configs, repeat(images), [latents] if n == 1 else _rows(latents, n)
 
     def generate(self, prompt: str, config: RunConfig, *, image=None, latents=None, output_type: str = "np",
                  progress: Callable[[int], None] | None = None) -> Generation:
-        """The stages of one generation, with a RunConfig already resolved and validated."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("--prompt: empty prompt")
+        """The stages of one generation, with a RunConfig already resolved and validated: ``generate_batch``'s
+        batch of one."""
+        return self.generate_batch([prompt], [config], images=[image], latents=[latents], output_type=output_type,
+                                   progress=progress)[0]
+
+    def generate_batch(self, prompts: Sequence[str], configs: Sequence[RunConfig], *, images=None, latents=None,
+                       output_type: str = "np", progress: Callable[[int], None] | None = None) -> list[Generation]:
+        """The stages of a generation of B videos at once, with RunConfigs resolved and validated: the prompts
+        and negative prompts encoded in one batch, one denoise loop over the videos' latents (with guidance
+        2B rows: every video's conditional row, then every video's unconditional one), then each video
+        decoded alone (the decode executable and its memory are those of one video). Each video equals its
+        own generation (the same seed) up to float rounding. The ``configs`` share one
+        ``RunConfig.batch_key`` (every setting but the seed and the negative prompt; no step caching), unless
+        B = 1. ``images``, ``latents``: one per video (or None), as ``generate`` takes them. The Generations
+        share the batch's Timings; ``progress(i)`` is called after step i."""
+        prompts, configs = list(prompts), list(configs)
+        images, inits = _check_batch(prompts, configs, images, latents)
+        config, n = configs[0], len(configs)
         shape = config.latent_shape(self.ckpt)
-        x0 = self.prepare_latents(config, latents)
+        x0 = jnp.concatenate([self.prepare_latents(c, x) for c, x in zip(configs, inits)])
         timings = Timings(load=self.load_seconds)
         do_cfg = config.do_cfg(len(self.experts))
         with _Stage(timings, "conditioning") as stage:
-            text = self.encode_prompt(prompt, config.negative_prompt, do_cfg, config.max_sequence_length, timings)
-            img = self.prepare_image_condition(image, config, shape, timings) if image is not None else \
-                ImageCondition()
+            text = self.encode_prompt(prompts, [c.negative_prompt for c in configs], do_cfg,
+                                      config.max_sequence_length, timings)
+            img = self._image_conditions(images, configs, shape, timings)
             stage.wait((text.embeddings, img.cond, img.clip_tokens))
             self._release(*residency.ENCODERS)
         with _Stage(timings, "denoise") as stage:
             den = self.denoise(x0, text.embeddings, img, config, do_cfg, timings, progress)
             stage.wait(den.latents)
-        with _Stage(timings, "decode") as stage:
-            frames = self.decode(den.latents, output_type, timings)
-        return Generation(frames, den.latents, config, timings, den.block_runs, den.mag_ratios, den.warnings,
-                          text.token_counts, text.truncated)
+        with _Stage(timings, "decode"):
+            videos = _split(den.latents, n)
+            frames = [self.decode(x, output_type, timings) for x in videos]
+        return [Generation(f, x, c, timings, den.block_runs, den.mag_ratios, den.warnings, *text.video(i, n))
+                for i, (f, x, c) in enumerate(zip(frames, videos, configs))]
 
     def prepare_latents(self, config: RunConfig, latents=None) -> jax.Array:
         """Gaussian noise from the seed, or the given initial latents (shape checked)."""
@@ -393,11 +451,14 @@ class WanPipeline:
         config.check_latents(self.ckpt, latents.shape)
         return jnp.asarray(latents.reshape(shape))
 
-    def encode_prompt(self, prompt: str, negative_prompt: str, do_cfg: bool, max_sequence_length: int,
-                      timings: "Timings") -> TextCondition:
-        """UMT5 embeddings of the prompt (and the negative prompt, in the same batch, with guidance)."""
-        prompts = [prompt, negative_prompt] if do_cfg else [prompt]
-        ids, tmask, truncated = tokenize_prompts(self.tokenizer, prompts, max_sequence_length)
+    def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str], do_cfg: bool,
+                      max_sequence_length: int, timings: "Timings") -> TextCondition:
+        """UMT5 embeddings of the prompts (and, with guidance, of the negative prompts, in the same batch:
+        rows [p1..pB, n1..nB])."""
+        rows = [prompt] if isinstance(prompt, str) else list(prompt)
+        if do_cfg:
+            rows += [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        ids, tmask, truncated = tokenize_prompts(self.tokenizer, rows, max_sequence_length)
         ids, counts, tmask = jnp.asarray(ids), tmask.sum(axis=1), jnp.asarray(tmask)
         ucfg, tdt = self.ucfg, jnp.dtype(self.dtypes.text_encoder)
         fn = self._compile(timings, ("text", ids.shape, tdt.name), lambda p, i, m: embed_tokens(p, ucfg, i, m, tdt),
@@ -417,6 +478,15 @@ class WanPipeline:
     def _release(self, *components: str) -> None:
         """Free the device copies of those of ``components`` this pipeline's offload mode moves."""
         self.params.release(*(c for c in components if c in self.moved))
+
+    def _image_conditions(self, images: list, configs: list, shape, timings: "Timings") -> ImageCondition:
+        """Each video's image condition (``prepare_image_condition``), along the batch axis."""
+        if images[0] is None:
+            return ImageCondition()
+        conds = [self.prepare_image_condition(im, c, shape, timings) for im, c in zip(images, configs)]
+        cat = lambda xs: xs[0] if len(xs) == 1 or xs[0] is None else jnp.concatenate(xs)  # noqa: E731
+        return ImageCondition(conds[0].mode, cat([c.cond for c in conds]), conds[0].mask,
+                              cat([c.clip_tokens for c in conds]))
 
     def prepare_image_condition(self, image, config: RunConfig, shape, timings: "Timings") -> ImageCondition:
         """Image -> how it enters the loop, as diffusers' WanImageToVideoPipeline: I2V ("concat"): VAE
@@ -533,6 +603,27 @@ class WanPipeline:
         std = jnp.asarray(self.vae_config.get("latents_std", [1.0] * z), jnp.float32).reshape(1, -1, 1, 1, 1)
         return mean, 1.0 / std
 
+    def record(self, gen: Generation, prompt: str, **inputs) -> dict:
+        """A generation's sidecar record (wan-run's and wan-serve's): prompt, model, every resolved setting
+        with this pipeline's own, the devices, timings; ``inputs`` (e.g. image=PATH) join the settings."""
+        ck = self.ckpt
+        devices = jax.devices()
+        return {
+            "prompt": prompt, "negative_prompt": gen.config.negative_prompt, "seed": gen.config.seed,
+            "model": {"checkpoint": str(ck.root.resolve()), "family": ck.family,
+                      "source": ck.manifest.get("source", {}).get("id")},
+            "preset": gen.config.preset,
+            "settings": gen.config.record() | {
+                "dtypes": dataclasses.asdict(self.dtypes), "offload": self.offload,
+                "weights": ck.manifest["dtype_policy"]["weights"], "fp8_matmul": self.fp8_matmul,
+                "loras": {c: [lo.record() for lo in los] for c, los in self.loras.items() if los},
+                "kv_cache": self.kv_cache, "vae_chunk": self.vae_chunk, "vae_precision": self.vae_precision,
+                "block_runs": None if gen.block_runs is None else gen.block_runs.tolist()} | inputs,
+            "devices": {"backend": jax.default_backend(), "kind": devices[0].device_kind, "count": len(devices),
+                        "processes": jax.process_count(), "jax": jax.__version__},
+            "timings": gen.timings.as_dict(),
+        }
+
     def warmup(self, height: int, width: int, num_frames: int, *, image=None, output_type: str = "uint8",
                max_sequence_length: int = 512) -> float:
         """Compile every executable a generation of this size needs, with a 2-step run (guidance > 1; both
@@ -551,13 +642,14 @@ class WanPipeline:
         multi = dist.multi_process()
         if multi:
             args = self._global(args)
-        key = key + ("fp8-matmul",) if self.fp8_matmul else key
+        fp8 = self.fp8_matmul and key[0] in FP8_MATMUL_STAGES
+        key = key + ("fp8-matmul",) if fp8 else key
         if key not in self._compiled:
             from .models.layers import fp8_matmul
 
             t0 = time.perf_counter()
             context = repr((self.ucfg, self.tcfgs, self.vcfg, self.ckpt.manifest.get("dtype_policy")))
-            with fp8_matmul(self.fp8_matmul):
+            with fp8_matmul(fp8):
                 self._compiled[key] = self.executables.get_or_compile(key, context, fn, *args)
             timings.compile += time.perf_counter() - t0
         compiled = self._compiled[key]
@@ -568,6 +660,60 @@ class WanPipeline:
 
     def _global(self, tree):
         return jax.tree.map(lambda x: dist.to_global(x, self.mesh), tree)
+
+
+def _per_prompt(value, n: int, name: str) -> list:
+    """One value for every prompt, or a list (tuple) with one per prompt."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * n
+    if len(value) != n:
+        raise InputError(f"{name}: {len(value)} values for {n} prompts")
+    return list(value)
+
+
+def _rows(latents, n: int) -> list:
+    """Initial latents for n videos: None each, or the rows of an (n, C, F', H', W') array."""
+    if latents is None:
+        return [None] * n
+    latents = np.asarray(latents, np.float32)
+    if latents.ndim != 5 or latents.shape[0] != n:
+        raise InputError(f"--latents: {n} videos need one row each, (N={n}, C, F', H', W'); got shape "
+                         f"{list(latents.shape)}")
+    return list(latents)
+
+
+def _check_batch(prompts: list, configs: list, images, latents) -> tuple[list, list]:
+    """``generate_batch``'s inputs checked: a non-empty prompt and a config per video, one batch key (a
+    batch of one: any config), an image for every video or for none. Returns (images, latents) per video."""
+    n = len(prompts)
+    images, latents = ([None] * n if x is None else list(x) for x in (images, latents))
+    if n == 0 or len(configs) != n or len(images) != n or len(latents) != n:
+        raise InputError(f"generate_batch: {n} prompts, {len(configs)} configs, {len(images)} images and "
+                         f"{len(latents)} latents; give one of each per video")
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise InputError("--prompt: empty prompt")
+    keys = [c.batch_key() for c in configs] if n > 1 else []
+    for i, key in enumerate(keys):
+        if key is None:
+            raise InputError(f"generate_batch: video {i} uses step caching ({configs[i].cache.name}), which runs "
+                             "one video at a time")
+        if key != keys[0]:
+            diff = ", ".join(k for (k, a), (_, b) in zip(keys[0], key) if a != b)
+            raise InputError(f"generate_batch: videos 0 and {i} differ in {diff}; the videos of a batch share "
+                             "every setting but the seed and the negative prompt")
+    if n > 1 and len({im is None for im in images}) > 1:
+        raise InputError("--image: the videos of a batch have an image each, or none has one")
+    return images, latents
+
+
+def _split(latents, n: int) -> list:
+    """Each of n videos' final latents, (1, C, F', H', W'); taken apart on the host for n > 1 (they are
+    small, and a slice of a multi-process array is not addressable on every process)."""
+    if n == 1:
+        return [latents]
+    host = dist.to_host(latents)
+    return [jnp.asarray(host[i:i + 1]) for i in range(n)]
 
 
 class _Stage:

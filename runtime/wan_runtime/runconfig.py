@@ -13,7 +13,7 @@ Validation needs only the checkpoint's configs, so a bad flag fails before any w
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +29,9 @@ DEFAULT_NEGATIVE = (
 SCHEDULERS = ("unipc", "euler", "euler-linear")
 #: sampler settings a checkpoint carries itself (the preset overrides them only with a note)
 FROM_CHECKPOINT = ("flow_shift", "boundary")
+#: what the videos of one batch may have each their own (their noise, their unconditional text rows), and
+#: ``overrides``, a record of how the other settings were resolved
+PER_VIDEO = ("seed", "negative_prompt", "overrides")
 
 
 class InputError(ValueError):
@@ -226,6 +229,14 @@ class RunConfig:
     def guidance_low(self) -> float:
         return self.guidance if self.guidance_2 is None else self.guidance_2
 
+    def batch_key(self) -> tuple | None:
+        """The settings class of this generation: configs with equal keys may run as one batch (one denoise
+        loop over their videos, CFG as 2B rows). Every field but ``PER_VIDEO``'s, as (name, value) pairs.
+        None: the config runs alone: a step-caching policy's skip decisions would be shared by the batch."""
+        if type(self.cache) is not caching.Dense:
+            return None
+        return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in PER_VIDEO)
+
     def do_cfg(self, experts: int) -> bool:
         return self.guidance > 1.0 or (experts > 1 and self.guidance_low > 1.0)
 
@@ -239,6 +250,23 @@ class RunConfig:
         out["cache"] = self.cache.settings()
         out["overridden"] = {k: {"checkpoint": c, "preset": p} for k, c, p in self.overrides}
         return out
+
+
+def group_batches(keys: Sequence[Hashable | None], max_batch: int | None = None) -> list[list[int]]:
+    """Indices of jobs grouped into batches by their keys (``RunConfig.batch_key``, or a key made from it):
+    equal keys together, the batches in the order their key first appears, at most ``max_batch`` jobs each
+    (None: no limit); a job whose key is None is a batch of its own, at its place in that order."""
+    groups: dict[Hashable, list[int]] = {}
+    order: list[list[int]] = []
+    for i, key in enumerate(keys):
+        if key is None:
+            order.append([i])
+        elif key in groups:
+            groups[key].append(i)
+        else:
+            order.append(groups.setdefault(key, [i]))
+    size = max_batch or max(1, len(keys))
+    return [group[j:j + size] for group in order for j in range(0, len(group), size)]
 
 
 def check_image_input(fam: families.Family, has_image: bool) -> None:
