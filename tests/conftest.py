@@ -98,3 +98,21 @@ def measured():
     def record(key: str, value: float, **info):
         root_conftest.MEASURED[key] = {"value": float(value), **info}
     return record
+
+
+@pytest.fixture(scope="session")
+def serve_ckpt(tmp_path_factory) -> pathlib.Path:
+    """The bundled tiny Wan 2.1 T2V converted by the wan-convert command (for the wan-serve tests)."""
+    import subprocess
+
+    from tests.serve_util import BIN, TINY
+
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    subprocess.run([str(BIN / "wan-convert"), str(TINY), str(out), "-q"], check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def serve_compile_cache(tmp_path_factory) -> pathlib.Path:
+    """One persistent compilation cache for every wan-serve / wan-run process the tests start."""
+    return tmp_path_factory.mktemp("xla-cache")

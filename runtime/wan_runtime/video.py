@@ -44,6 +44,9 @@ def write_npy(path: str | os.PathLike, frames: np.ndarray) -> None:
 
 
 def write_sidecar(video_path: str | os.PathLike, record: dict) -> pathlib.Path:
+    """The settings record beside a video (``.json``), written to a temporary sibling and renamed."""
     side = pathlib.Path(video_path).with_suffix(".json")
-    side.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    os.replace(tmp, side)
     return side
