@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PHASES = ("env", "attention", "step13b", "step14b", "vae", "restore")
+PHASES = ("env", "attention", "step13b", "step14b", "fp8", "vae", "restore")
 
 
 def test_gpu_check_smoke(tmp_path):
@@ -35,6 +35,10 @@ def test_gpu_check_smoke(tmp_path):
     for p in att["throughput"].values():
         assert p["tflops"] > 0 and p["padded"] % att["multiple"] == 0
 
+    fp8 = phases["fp8"]["runs"]  # weight-only e4m3 against bf16 weights; fp8 x fp8 has no CPU kernel: skipped
+    assert fp8["bf16"]["rel_err_vs_bf16"] == 0 and 0 < fp8["e4m3"]["rel_err_vs_bf16"] < 5e-2
+    assert fp8["e4m3"]["param_bytes"] < 0.75 * fp8["bf16"]["param_bytes"]
+    assert "skipped" in fp8["e4m3+fp8_matmul"]
     for name, want in (("step13b", {"480p"}), ("step14b", {"480p", "720p"})):
         runs = phases[name]["runs"]
         assert set(runs) == want

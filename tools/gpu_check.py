@@ -28,6 +28,9 @@ exit status is 1 if any phase failed. Peak memory is the process's peak so far (
              recorded beside it as a cross-check.
   step14b    the same for the 14B shape (dim 5120, 40 heads, 40 layers) at 480p, and at 720p (latents
              (1, 16, 21, 90, 160)) unless --quick; one timed call after compiling.
+  fp8        the step14b step at 480p with bf16 block weights, e4m3 weights + per-channel scales, and e4m3
+             with --fp8-matmul (compute capability >= 8.9; else recorded as skipped): s/step, ratio to
+             bf16, relative error of the final latents against the bf16 run (issue #17).
   vae        ``vae.decode`` at 480p x 81 frames with random weights in the real Wan 2.1 VAE config (base 96,
              dim_mult 1 2 4 4, 2 res blocks, z 16): bf16 weights (wan-convert's default), float32 compute
              at ``vae.default_precision()`` (the runtime's defaults: TF32 convs on GPU): compile s, decode s,
@@ -57,7 +60,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "runtime"), str(ROOT / "convert"), str(ROOT / "tools")]
 
-PHASES = ("env", "attention", "step13b", "step14b", "vae", "restore")
+PHASES = ("env", "attention", "step13b", "step14b", "fp8", "vae", "restore")
 ATTN_BOUND = 1e-2          # max |out - ref| / max |ref| of a bf16 kernel against the float32 reference
 PEAK_BF16_TFLOPS = 989.0   # H100 / H200 SXM dense bf16 (spec sheet): the MFU denominator
 P480, P720 = (1, 16, 21, 60, 104), (1, 16, 21, 90, 160)   # latents of 480p (832 x 480) and 720p, 81 frames
@@ -72,6 +75,7 @@ FULL = {
                     repeats=2),
     "step14b": dict(model="wan2.1-t2v-14b", overrides={}, latents={"480p": P480, "720p": P720}, text_len=512,
                     steps=2, repeats=1),
+    "fp8": dict(model="wan2.1-t2v-14b", overrides={}, latents={"480p": P480}, text_len=512, steps=2, repeats=1),
     "vae": dict(config=WAN21_VAE, latents=P480),
     "restore": dict(layers=None, rounds=2),
 }
@@ -82,6 +86,8 @@ SMOKE = {
                     text_len=8, steps=2, repeats=2),
     "step14b": dict(model="wan2.1-t2v-14b", overrides=dict(TINY_DIT, num_attention_heads=3, num_layers=3),
                     latents={"480p": (1, 16, 3, 8, 8), "720p": (1, 16, 3, 8, 12)}, text_len=8, steps=2, repeats=1),
+    "fp8": dict(model="wan2.1-t2v-14b", overrides=dict(TINY_DIT, num_attention_heads=3, num_layers=3),
+                latents={"480p": (1, 16, 3, 8, 8)}, text_len=8, steps=2, repeats=1),
     "vae": dict(config=dict(WAN21_VAE, base_dim=8), latents=(1, 16, 2, 4, 4)),
     "restore": dict(layers=1, rounds=1),
 }
@@ -492,6 +498,62 @@ def phase_step(sz: dict) -> dict:
                 init_s=init_s, peak_tflops=PEAK_BF16_TFLOPS, runs=runs, summary=summary)
 
 
+def _fp8_variant(params, cfg, x, text, rope, sz: dict, fp8_mm: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from wan_runtime.models.layers import fp8_matmul
+
+    loop = jax.jit(denoise_loop, static_argnames=("cfg", "steps", "dtype"))
+    with fp8_matmul(fp8_mm):
+        exe, compile_s = compiled(loop, params, x, text, rope, cfg=cfg, steps=sz["steps"], dtype=jnp.bfloat16)
+    loop_s, out = best_time(lambda: exe(params, x, text, rope), sz["repeats"])
+    return dict(compile_s=compile_s, step_s=loop_s / sz["steps"], peak_bytes=peak_bytes(), param_bytes=tree_bytes(params),
+                finite=all_finite(out)), out
+
+
+def phase_fp8(sz: dict) -> dict:
+    """The 14B-shaped step (as step14b, 480p) with bf16 block weights, with e4m3 weights and per-channel
+    scales (weight-only: ``dense`` scales the matmul's output), and e4m3 with ``--fp8-matmul`` (fp8 x fp8
+    with per-token activation scales; where ``fp8_matmul_support()`` allows, else recorded as skipped):
+    step time and the final latents' relative error against the bf16 run."""
+    import jax
+    import jax.numpy as jnp
+    import make_synthetic_checkpoint as msc
+
+    from wan_runtime import format as fmt
+    from wan_runtime import quant
+    from wan_runtime.models import transformer as T
+    from wan_runtime.models.layers import fp8_matmul_support
+
+    cfg_dict = dict(msc.transformer_config(sz["model"]), **sz["overrides"])
+    cfg = T.WanTransformerConfig.from_config(cfg_dict)
+    params = random_params(fmt.component_tree("transformer", cfg_dict, "bfloat16"))
+    shape = tuple(sz["latents"]["480p"])
+    k1, k2 = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(k1, shape, jnp.float32)
+    text = jax.random.normal(k2, (shape[0], sz["text_len"], cfg.text_dim), jnp.float32) * 0.1
+    grid = (shape[2] // cfg.patch_size[0], shape[3] // cfg.patch_size[1], shape[4] // cfg.patch_size[2])
+    rope = tuple(jnp.asarray(r) for r in T.rope_tables(cfg, grid))
+    runs, outs = {}, {}
+    runs["bf16"], outs["bf16"] = _fp8_variant(params, cfg, x, text, rope, sz, False)
+    params = quant.quantize_tree(params, fmt.component_tree("transformer", cfg_dict, "float8_e4m3fn"), "float8_e4m3fn")
+    runs["e4m3"], outs["e4m3"] = _fp8_variant(params, cfg, x, text, rope, sz, False)
+    why = fp8_matmul_support()
+    if why:
+        runs["e4m3+fp8_matmul"] = dict(skipped=why)
+    else:
+        runs["e4m3+fp8_matmul"], outs["e4m3+fp8_matmul"] = _fp8_variant(params, cfg, x, text, rope, sz, True)
+    ref = outs["bf16"].astype(jnp.float32)
+    for name, out in outs.items():
+        runs[name]["rel_err_vs_bf16"] = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+        runs[name]["step_vs_bf16"] = runs[name]["step_s"] / runs["bf16"]["step_s"]
+    summary = ", ".join(f"{n}: skipped ({r['skipped']})" if "skipped" in r else
+                        f"{n}: {r['step_s']:.3g} s/step ({r['step_vs_bf16']:.2f}x) rel err {r['rel_err_vs_bf16']:.2g}"
+                        for n, r in runs.items())
+    return dict(ok=all(r.get("finite", True) for r in runs.values()), config=cfg_dict, runs=runs, summary=summary)
+
+
 # ------------------------------------------------------------------------------------------
 # phase: vae
 # ------------------------------------------------------------------------------------------
@@ -581,7 +643,7 @@ def phase_restore(sz: dict) -> dict:
 
 
 PHASE_FUNCS = {"env": phase_env, "attention": phase_attention, "step13b": phase_step, "step14b": phase_step,
-               "vae": phase_vae, "restore": phase_restore}
+               "fp8": phase_fp8, "vae": phase_vae, "restore": phase_restore}
 
 
 # ------------------------------------------------------------------------------------------
