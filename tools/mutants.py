@@ -47,11 +47,12 @@ _AWAY = ("(((np.asarray({0}, np.float32).view(np.uint32) + np.uint32(0x8000)) & 
          ".view(np.float32) if {1}.dtype.name == 'bfloat16' else {0})")
 
 MUTANTS = [
-    Mutant("guidance-ignored", LOOP, "v = v[1:] + guidance * (v[:1] - v[1:])", "v = v[:1]", FAMILY_TESTS),
+    Mutant("guidance-ignored", LOOP, "v = v[b:] + guidance * (v[:b] - v[b:])", "v = v[:b]", FAMILY_TESTS),
     Mutant("guidance-2-ignored", PIPELINE, "guidance = config.guidance if k == 0 else config.guidance_low",
            "guidance = config.guidance", FAMILY_TESTS),
-    Mutant("negative-prompt-ignored", PIPELINE, "prompts = [prompt, negative_prompt] if do_cfg else [prompt]",
-           'prompts = [prompt, ""] if do_cfg else [prompt]', FAMILY_TESTS),
+    Mutant("negative-prompt-ignored", PIPELINE,
+           "rows += [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)",
+           'rows += [""] * (1 if isinstance(negative_prompt, str) else len(negative_prompt))', FAMILY_TESTS),
     Mutant("expert-boundary-off-by-one", PIPELINE, "enumerate(((0, boundary), (boundary, steps)))",
            "enumerate(((0, boundary + 1), (boundary + 1, steps)))", FAMILY_TESTS),
     Mutant("cfg-cache-rebuild-without-difference", LOOP, 'v[:1] - cache["diff"]', "v[:1]",
