@@ -7,7 +7,8 @@ corpus (T5 layout: <pad>=0, </s>=1, <unk>=2, an ``</s>`` post-processor).
 
     python tools/make_tiny_checkpoint.py OUTDIR [--family wan2.1-t2v ...] [--seed 0]
 
-Families: wan2.1-t2v, wan2.1-i2v, wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b.
+Families: every one of ``wan_runtime.families`` (VACE ones: ``WanVACETransformer3DModel`` with one more
+block than the others and VACE blocks after every second one, e.g. vace_layers (0, 2) of 3 blocks).
 The transformer(s) are always saved as at least two shard files with an index.
 """
 from __future__ import annotations
@@ -97,18 +98,27 @@ def build_text_encoder():
     return UMT5EncoderModel(cfg).eval()
 
 
-def build_transformer(in_channels: int, out_channels: int, image_dim: int | None = None):
-    from diffusers import WanTransformer3DModel
+#: VACE control channels: VAE latents of the inactive and reactive video (2 x 16) + the mask packed 8 x 8
+VACE_IN_CHANNELS = 96
+
+
+def build_transformer(in_channels: int, out_channels: int, image_dim: int | None = None, vace: bool = False):
+    from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
     z = _SIZE
     heads, head_dim = z["heads"], z["head_dim"]
-    return WanTransformer3DModel(
+    kw = dict(
         patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
         in_channels=in_channels, out_channels=out_channels, text_dim=z["text_dim"], freq_dim=256,
         ffn_dim=z["ffn"], num_layers=z["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         image_dim=image_dim, added_kv_proj_dim=heads * head_dim if image_dim else None,
         rope_max_seq_len=32,
-    ).eval()
+    )
+    if not vace:
+        return WanTransformer3DModel(**kw).eval()
+    layers = z["layers"] + 1  # a block without a hint between two with one
+    return WanVACETransformer3DModel(**dict(kw, num_layers=layers), vace_layers=list(range(0, layers, 2)),
+                                     vace_in_channels=VACE_IN_CHANNELS).eval()
 
 
 def build_vae(wan22: bool):
@@ -160,7 +170,7 @@ def converted(workdir: pathlib.Path, size: str = "small", family: str = "wan2.1-
 
 def build_pipeline(family: str, seed: int = 0):
     import torch
-    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanVACEPipeline
 
     fam = families.get(family)
     torch.manual_seed(seed)
@@ -176,16 +186,16 @@ def build_pipeline(family: str, seed: int = 0):
             prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
             flow_shift=5.0 if ti2v else 3.0,
         ),
-        transformer=build_transformer(in_ch, out_ch, image_dim=4 if fam.clip else None),
+        transformer=build_transformer(in_ch, out_ch, image_dim=4 if fam.clip else None, vace=fam.vace),
     )
     if two_experts:
-        kwargs["transformer_2"] = build_transformer(in_ch, out_ch)
+        kwargs["transformer_2"] = build_transformer(in_ch, out_ch, vace=fam.vace)
         kwargs["boundary_ratio"] = 0.9 if i2v else 0.875
     if ti2v:
         kwargs["expand_timesteps"] = True
     if fam.clip:
         kwargs["image_encoder"], kwargs["image_processor"] = build_clip()
-    cls = WanImageToVideoPipeline if i2v else WanPipeline
+    cls = WanVACEPipeline if fam.vace else WanImageToVideoPipeline if i2v else WanPipeline
     gen = torch.Generator().manual_seed(seed + 1)
     for name in ("transformer", "transformer_2", "vae", "text_encoder", "image_encoder"):
         if kwargs.get(name) is not None:

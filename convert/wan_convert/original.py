@@ -59,13 +59,25 @@ class Kind:
         return {**TRANSFORMER_COMMON, **self.transformer}
 
 
+_T13 = dict(num_attention_heads=12, ffn_dim=8960, num_layers=30, in_channels=16, out_channels=16)
 _T14 = dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=16, out_channels=16)
 _I14 = dict(_T14, in_channels=36)
 _CLIP = dict(image_dim=1280, added_kv_proj_dim=5120)
-#: the published models, by name (Wan2.1-I2V-14B: the 480P and 720P models have one config)
+
+
+def _vace(layers: int, every: int) -> dict:
+    return dict(_class_name="WanVACETransformer3DModel", vace_layers=list(range(0, layers, every)), vace_in_channels=96)
+
+
+#: the published models, by name (Wan2.1-I2V-14B: the 480P and 720P models have one config; VACE: T2V
+#: transformers with VACE blocks after every 2nd (1.3B) / 5th (14B) block, alibaba-pai's Wan2.2-VACE-Fun-A14B
+#: two 14B ones)
 KINDS = {
-    "Wan2.1-T2V-1.3B": Kind(dict(num_attention_heads=12, ffn_dim=8960, num_layers=30, in_channels=16, out_channels=16)),
+    "Wan2.1-T2V-1.3B": Kind(_T13),
     "Wan2.1-T2V-14B": Kind(_T14),
+    "Wan2.1-VACE-1.3B": Kind(dict(_T13, **_vace(30, 2))),
+    "Wan2.1-VACE-14B": Kind(dict(_T14, **_vace(40, 5))),
+    "Wan2.2-VACE-Fun-A14B": Kind(dict(_T14, **_vace(40, 5)), experts=2, boundary_ratio=0.875),
     "Wan2.1-I2V-14B": Kind(dict(_I14, **_CLIP)),
     "Wan2.1-FLF2V-14B": Kind(dict(_I14, **_CLIP, pos_embed_seq_len=514), flow_shift=16.0),
     "Wan2.2-T2V-A14B": Kind(_T14, experts=2, boundary_ratio=0.875),
@@ -400,7 +412,8 @@ class Shapes:
 #: original config.json keys checked against the weights -> the diffusers config's value they equal
 _ORIGINAL_KEYS = {"dim": lambda c: c["num_attention_heads"] * c["attention_head_dim"], "ffn_dim": "ffn_dim",
                   "num_layers": "num_layers", "in_dim": "in_channels", "out_dim": "out_channels",
-                  "freq_dim": "freq_dim", "text_dim": "text_dim", "num_heads": "num_attention_heads"}
+                  "freq_dim": "freq_dim", "text_dim": "text_dim", "num_heads": "num_attention_heads",
+                  "vace_in_dim": "vace_in_channels"}
 
 
 def transformer_config(s: Shapes, original: Mapping | None = None) -> dict:
@@ -423,11 +436,29 @@ def transformer_config(s: Shapes, original: Mapping | None = None) -> dict:
         qk_norm="rms_norm_across_heads" if s.get("blocks.0.attn1.norm_q.weight") else None,
         eps=float((original or {}).get("eps", TRANSFORMER_COMMON["eps"])), image_dim=image[0] if image else None,
         added_kv_proj_dim=added[1] if added else None, pos_embed_seq_len=pos[1] if pos else None)
+    cfg.update(_vace_config(s, cfg["num_layers"], original))
     for key, ours in _ORIGINAL_KEYS.items():
-        want = ours(cfg) if callable(ours) else cfg[ours]
+        want = ours(cfg) if callable(ours) else cfg.get(ours)
         if original and key in original and original[key] != want:
             raise SourceError(f"{s.where}: its config.json says {key}={original[key]!r}, the weights {want}")
     return cfg
+
+
+def _vace_config(s: Shapes, layers: int, original: Mapping | None) -> dict:
+    """A VACE transformer's keys (none without VACE blocks): which blocks take the hints, from the original
+    config.json (``vace_layers``) or, for a published size, the published model's."""
+    n = s.count("vace_blocks.{}.attn1.to_q.weight")
+    if not n:
+        return {}
+    given = (original or {}).get("vace_layers")
+    published = next((k.transformer["vace_layers"] for k in KINDS.values() if k.transformer["num_layers"] == layers
+                      and len(k.transformer.get("vace_layers", ())) == n), None)
+    vace_layers = list(given) if given is not None else published
+    if vace_layers is None or len(vace_layers) != n:
+        raise SourceError(f"{s.where}: {n} VACE blocks, and which of the {layers} blocks take their hints is not "
+                          "a published model's: give its config.json (vace_layers) with --components REPO")
+    return dict(_class_name="WanVACETransformer3DModel", vace_layers=vace_layers,
+                vace_in_channels=s("vace_patch_embedding.weight")[1])
 
 
 def detect(shapes: Mapping[str, tuple[int, ...]], experts: int = 1, original: Mapping | None = None,
@@ -730,13 +761,16 @@ def _model_index(configs: Mapping[str, dict], experts: int, kind: str | None, cl
     i2v = t["in_channels"] == 2 * z + 4
     none = [None, None]
     boundary = (KINDS[kind].boundary_ratio if kind else 0.9 if i2v else 0.875) if experts == 2 else None
-    return {"_class_name": "WanImageToVideoPipeline" if i2v else "WanPipeline", "boundary_ratio": boundary,
+    cls = t.get("_class_name", "WanTransformer3DModel")
+    pipeline = "WanVACEPipeline" if cls == "WanVACETransformer3DModel" else \
+        "WanImageToVideoPipeline" if i2v else "WanPipeline"
+    return {"_class_name": pipeline, "boundary_ratio": boundary,
             "expand_timesteps": z == 48,
             "image_encoder": ["transformers", "CLIPVisionModelWithProjection"] if clip else none,
             "image_processor": ["transformers", "CLIPImageProcessor"] if clip else none,
             "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
-            "tokenizer": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "WanTransformer3DModel"],
-            "transformer_2": ["diffusers", "WanTransformer3DModel"] if experts == 2 else none,
+            "tokenizer": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", cls],
+            "transformer_2": ["diffusers", cls] if experts == 2 else none,
             "vae": ["diffusers", "AutoencoderKLWan"]}
 
 

@@ -21,11 +21,12 @@ from .caching import POLICIES
 from .format import WEIGHT_DTYPES as DTYPES
 #: flags that are settings of the run (RunConfig fields and step-caching settings)
 SETTINGS = ("height", "width", "frames", "steps", "guidance", "guidance_2", "flow_shift", "scheduler", "seed",
-            "fps", "mesh", "negative_prompt", "cache", "cache_thresh", "cache_k", "cache_retention", "cache_model",
-            "cache_calibration", "cfg_cache_interval", "cfg_cache_start", "teacache_thresh", "firstblock_thresh")
+            "fps", "mesh", "negative_prompt", "strength", "conditioning_scale", "cache", "cache_thresh", "cache_k",
+            "cache_retention", "cache_model", "cache_calibration", "cfg_cache_interval", "cfg_cache_start",
+            "teacache_thresh", "firstblock_thresh")
 #: what a --prompts JSONL line may set besides "prompt" and "output" (a file name): the settings of one video;
 #: the load's own (--mesh, --dtype, --lora, ...) are the command line's
-LINE_FIELDS = tuple(k for k in SETTINGS if k != "mesh") + ("image",)
+LINE_FIELDS = tuple(k for k in SETTINGS if k != "mesh") + ("image", "video", "mask")
 
 
 class UsageError(ValueError):
@@ -87,6 +88,19 @@ OPTIONS = [
          help="a LoRA for Wan 2.2 A14B's low-noise expert (transformer_2), repeatable"),
     _opt(_G, "--lora-ignore-unknown", is_flag=True, help="skip LoRA keys that name no Wan module (with a warning)"),
     _opt(_I, "--image", type=click.Path(), default=None, help="first frame for image-to-video (I2V, TI2V)"),
+    _opt(_I, "--video", type=click.Path(), default=None,
+         help="an input video (mp4, or .npy uint8 frames (F, H, W, 3)): on a text-to-video model, video-to-video "
+              "(with --strength); on a VACE model, the control video. Its frame count and size are --frames, "
+              "--height and --width unless given (a given size resizes it)"),
+    _opt(_I, "--strength", type=float, default=None,
+         help="video-to-video: the fraction of the schedule that runs from the noised --video (0 < S <= 1; "
+              "default 0.8)"),
+    _opt(_I, "--mask", type=click.Path(), default=None,
+         help="VACE: a mask video as --video's frames (white: generate, black: keep); default all white"),
+    _opt(_I, "--reference", multiple=True, type=click.Path(), metavar="IMAGE",
+         help="VACE: a reference image (repeatable), fitted into the frame on white and put before the video"),
+    _opt(_I, "--conditioning-scale", default=None, metavar="S[,S...]",
+         help="VACE: the control's scale, one value or one per VACE layer (default 1)"),
     _opt(_I, "--latents", type=click.Path(), default=None,
          help="initial latents .npy, (C, F', H', W') or (1, C, F', H', W')"),
     _opt(_P, "--dtype", type=click.Choice(DTYPES), default=None,
@@ -220,14 +234,20 @@ class Job(NamedTuple):
     out: pathlib.Path
     image: Any = None
     image_path: str | None = None
+    video: Any = None  # runconfig.VideoInputs or None
     latents: Any = None
     latents_path: str | None = None
     where: str = ""  # "FILE:LINE: " for a --prompts line
+    video_paths: tuple = ()  # (name, path) of the video inputs, for the sidecar
 
     def batch_key(self):
-        """Jobs with equal keys run as one batch: one settings class, output type and image presence."""
+        """Jobs with equal keys run as one batch: one settings class, output type, image and input-video
+        presence, reference image count."""
         key = self.config.batch_key()
-        return None if key is None else (key, self.out.suffix, self.image is None)
+        if key is None:
+            return None
+        return key, self.out.suffix, self.image is None, self.video is None, len(self.video.references) if \
+            self.video is not None else 0
 
 
 def _flag_job(flags: dict) -> tuple[Any, list[Job]]:
@@ -245,11 +265,15 @@ def _job(ckpt, flags: dict, prompt: str, out: pathlib.Path, where: str = "", tok
     """A job of ``prompt`` with ``flags``' settings (or a --prompts line's: ``where`` names it), checked:
     image, latents, settings; a long prompt's warning said now."""
     image, latents = _image(flags["image"]), _latents(flags["latents"])
-    config = _config(ckpt, flags, image is not None)
+    video = _video_inputs(flags)
+    config = _config(ckpt, flags, image is not None, video)
     if latents is not None:
-        config.check_latents(ckpt, latents.shape)
+        config.check_latents(ckpt, latents.shape, len(video.references) if video is not None else 0)
     _warn_truncation(tokenizer or _tokenizer(ckpt), prompt, config, where)
-    return Job(prompt, config, out, image, flags["image"], latents, flags["latents"], where)
+    paths = tuple((k, flags.get(f)) for k, f in (("video", "video"), ("mask", "mask"), ("references", "reference"))
+                  if flags.get(f))
+    return Job(prompt, config, out, image, flags["image"], video, latents, flags["latents"], where,
+               tuple((k, list(v) if k == "references" else v) for k, v in paths))
 
 
 def _file_jobs(flags: dict) -> tuple[Any, list[Job]]:
@@ -366,9 +390,9 @@ def _generate(pipe, jobs: list[Job], flags: dict, ckpt) -> None:
     from . import distributed
 
     config = jobs[0].config
-    bar = _progress_bar(config.steps, flags["quiet"])
+    bar = _progress_bar(config.steps - config.first_step(), flags["quiet"])  # video-to-video: the steps that run
     gens = pipe.generate_batch([j.prompt for j in jobs], [j.config for j in jobs], images=[j.image for j in jobs],
-                               latents=[j.latents for j in jobs],
+                               latents=[j.latents for j in jobs], videos=[j.video for j in jobs],
                                output_type="np" if jobs[0].out.suffix == ".npy" else "uint8",
                                progress=(lambda i: bar.update(1)) if bar is not None else None)
     if bar is not None:
@@ -395,7 +419,7 @@ def print_plan(flags: dict) -> None:
     except ValueError:
         raise UsageError(f"--device-memory: {flags['device_memory']!r} is not a size such as 80GiB") from None
     ckpt = open_checkpoint(flags["checkpoint"])
-    config = _config(ckpt, flags, flags["image"] is not None)
+    config = _config(ckpt, flags, flags["image"] is not None, _video_inputs(flags))
     distributed.initialize(flags["coordinator"], flags["num_processes"], flags["process_id"],
                            flags["local_device_ids"])
     enable_compilation_cache(flags["compile_cache"])
@@ -445,12 +469,12 @@ def _output(output: str) -> pathlib.Path:
     return out
 
 
-def _config(ckpt, flags: dict, image: bool):
+def _config(ckpt, flags: dict, image: bool, video=None):
     from .runconfig import DEFAULT_NEGATIVE, RunConfig
     from .sharding import parse_mesh
 
-    settings = {k: flags.get(k) for k in SETTINGS}
-    config = RunConfig.resolve(ckpt, flags["preset"] or "auto", image=image,
+    settings = {k: flags.get(k) for k in SETTINGS} | {"conditioning_scale": _scales(flags.get("conditioning_scale"))}
+    config = RunConfig.resolve(ckpt, flags["preset"] or "auto", image=image, inputs=video,
                                defaults={"negative_prompt": DEFAULT_NEGATIVE}, **settings)
     parse_mesh(config.mesh)  # the device count is checked once JAX is up, still before any weights load
     return config
@@ -473,6 +497,24 @@ def _image(path):
         return load_image(path)
     except ValueError as e:
         raise UsageError(f"--image: {e}") from None
+
+
+def _scales(text):
+    """--conditioning-scale: one number, or numbers separated by commas (one per VACE layer)."""
+    if text is None or isinstance(text, (int, float)):
+        return text
+    try:
+        values = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        raise UsageError(f"--conditioning-scale: a number or numbers separated by commas, not {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _video_inputs(flags: dict):
+    """--video, --mask and --reference loaded (a runconfig.VideoInputs), or None."""
+    from .video import load_inputs
+
+    return load_inputs(flags.get("video"), flags.get("mask"), flags.get("reference") or ())
 
 
 def _latents(path):
@@ -523,7 +565,7 @@ def _write(job: Job, gen, flags: dict, ckpt, pipe, summary: bool = True) -> None
         write_mp4(out, gen.frames, fps=gen.config.fps)
     write_seconds = time.perf_counter() - t0
     record = pipe.record(gen, job.prompt, quantize=flags["quantize"], latents=job.latents_path,
-                         image=job.image_path)
+                         image=job.image_path, **dict(job.video_paths))
     record["timings"]["write"] = round(write_seconds, 4)
     record["wan_run"] = __version__
     write_sidecar(out, record)

@@ -92,6 +92,12 @@ def _int_item(x) -> int:
     return x
 
 
+def _index_item(x) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise ValueError(x)
+    return x
+
+
 def _float_item(x) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise ValueError(x)
@@ -122,10 +128,18 @@ class WanTransformerConfig:
     pos_embed_seq_len: int | None = None
     rope_max_seq_len: int = 1024
     rope_theta: float = 10000.0
+    #: VACE (``WanVACETransformer3DModel``): the main blocks that take a control hint, hint k after block
+    #: ``vace_layers[k]`` (strictly increasing, from 0), and the control latents' channels; () / 0 otherwise
+    vace_layers: tuple[int, ...] = ()
+    vace_in_channels: int = 0
 
     @property
     def dim(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def vace(self) -> bool:
+        return bool(self.vace_layers)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], name: str = "transformer") -> "WanTransformerConfig":
@@ -146,7 +160,25 @@ class WanTransformerConfig:
             num_layers=r.integer("num_layers"), cross_attn_norm=bool(r.value("cross_attn_norm", True)),
             qk_norm=qk_norm or None, eps=r.number("eps", d.eps), image_dim=r.optional("image_dim"),
             added_kv_proj_dim=r.optional("added_kv_proj_dim"), pos_embed_seq_len=r.optional("pos_embed_seq_len"),
-            rope_max_seq_len=r.integer("rope_max_seq_len", d.rope_max_seq_len))
+            rope_max_seq_len=r.integer("rope_max_seq_len", d.rope_max_seq_len), **_vace(r))
+
+
+#: ``WanVACETransformer3DModel.__init__`` defaults (a VACE config.json that lacks the keys takes them)
+VACE_DEFAULTS = {"vace_layers": (0, 5, 10, 15, 20, 25, 30, 35), "vace_in_channels": 96}
+
+
+def _vace(r: _Reader) -> dict:
+    """vace_layers / vace_in_channels of a transformer config.json: present (or the VACE class's defaults)
+    in a VACE transformer's, absent in a plain one's. The layers must be strictly increasing from 0 and
+    below num_layers (diffusers requires 0 and adds hint k after block ``vace_layers[k]``)."""
+    vace_class = r.cfg.get("_class_name") == "WanVACETransformer3DModel"
+    if not vace_class and r.cfg.get("vace_layers") is None:
+        return {}
+    layers = r.sequence("vace_layers", VACE_DEFAULTS["vace_layers"], _index_item, "block indices")
+    if not layers or layers[0] != 0 or any(b <= a for a, b in zip(layers, layers[1:])) or \
+            layers[-1] >= r.integer("num_layers"):
+        raise r.bad("vace_layers", "strictly increasing block indices from 0, below num_layers")
+    return {"vace_layers": layers, "vace_in_channels": r.integer("vace_in_channels", VACE_DEFAULTS["vace_in_channels"])}
 
 
 @dataclasses.dataclass(frozen=True)

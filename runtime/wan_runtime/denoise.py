@@ -1,6 +1,7 @@
 """The denoise loop: every sampling step of a generation inside one compiled executable.
 
-Families differ here by one hook, how the image condition enters the model input (``LoopSpec.mode``). One
+Families differ here by one hook, how the image condition enters the model input (``LoopSpec.mode``; VACE:
+hints from the control tokens, computed per step from the step's tokens and added after the VACE layers). One
 executable runs the steps of one expert: Wan 2.2 A14B calls it with the high-noise expert for the steps
 before the boundary, then with the low-noise one (same shapes, so the same executable; only the active
 expert need be on the device). Step caching enters through
@@ -31,6 +32,10 @@ class LoopSpec:
       "concat" Wan 2.1/2.2 I2V: latents ++ [4 mask channels, VAE latents of image + zero frames];
       "expand" Wan 2.2 TI2V with an image: latent frame 0 is replaced by the image latents, and its
                tokens get timestep 0 (per-token timesteps).
+      "vace"   VACE: ``cond`` is {"control": the expert's control tokens (B, S_c, D), "kv": its VACE blocks'
+               K/V (kv_cache off: the context)}, ``mask`` the conditioning scale per VACE layer (V,); every
+               step the VACE blocks turn the step's patch tokens and the control into hints (CFG rows share
+               the control, each with its own text), which the main blocks add after the VACE layers.
     policy: the step-caching policy (``Policy.traced()``), None for a dense loop.
     """
 
@@ -78,24 +83,49 @@ def model_eval(params, tcfg, kv, x, t, cond, mask, rope, grid, st: LoopSpec, pla
     xin = jnp.concatenate([xin, xin]) if st.cfg else xin
     tokens = tr.patchify(params, st.tcfg, xin.astype(st.dtype), st.dtype)
     temb, temb_proj = tr.embed_time(params, st.tcfg, _timesteps(t, mask, xin.shape[0], st), st.dtype)
-    run = lambda p, x, kv_: tr.run_blocks(p, x, temb_proj, rope, kv_, st.tcfg, st.dtype, layout=st.layout)  # noqa: E731
+    run = lambda p, x, kv_, **hints: tr.run_blocks(p, x, temb_proj, rope, kv_, st.tcfg, st.dtype,  # noqa: E731
+                                                   layout=st.layout, **hints)
     if st.policy is None:
-        return tr.unpatchify_head(params, st.tcfg, run(params, tokens, kv), temb, grid), cache
+        h, hints = tokens, {}
+        if st.mode == "vace":
+            h, hints = vace_rows(params, st, tokens, temb_proj, rope, cond, mask, 0)(0, tokens.shape[0], tokens)
+        return tr.unpatchify_head(params, st.tcfg, run(params, h, kv, **hints), temb, grid), cache
 
-    def first_block():
+    def first_block():  # VACE: without its hint (diffusers adds the hints between the blocks)
         return run({"blocks": _layers(params["blocks"], 0, 1)}, tokens, _layers(kv, 0, 1))
 
     view = caching.StepView(tokens, temb, temb_proj, first_block)
     compute, state, x0, first = st.policy.decide(cache["policy"], plan, view)
     rest = {**params, "blocks": _layers(params["blocks"], first, None)}
+    vace = vace_rows(params, st, tokens, temb_proj, rope, cond, mask, first) if st.mode == "vace" else None
     h, cache = blocks_with_cache(rest, x0, temb_proj, rope, _layers(kv, first, None), st, _rows(compute),
-                                 {**cache, "policy": state})
+                                 {**cache, "policy": state}, vace)
     v = tr.unpatchify_head(params, st.tcfg, h, temb, grid)
     if st.cfg:  # CFG cache: rebuild the unconditional prediction from the last full step's difference
         v_u = jnp.where(plan[2], v[:1] - cache["diff"], v[1:])
         diff = jnp.where(plan[0] & plan[1], v[:1] - v[1:], cache["diff"])
         v, cache = jnp.concatenate([v[:1], v_u]), {**cache, "diff": diff}
     return v, cache
+
+
+def vace_rows(params, st: LoopSpec, tokens, temb_proj, rope, cond, scale, first: int):
+    """VACE: a function (lo, hi, x) -> (x, run_blocks' hint arguments) for batch rows [lo, hi) whose main
+    blocks run from layer ``first`` on input x: the VACE chain's hints from those rows' patch ``tokens`` (the
+    control tiled over the CFG rows; each row's own text K/V), and x with the hints of the layers before
+    ``first`` added (a step cache's first block runs apart, without its hint)."""
+    rows, control = tokens.shape[0], cond["control"]
+    control = jnp.concatenate([control] * (rows // control.shape[0])) if control.shape[0] < rows else control
+    kv = cond["kv"] if st.kv_cache else tr.cross_kv_vace(params, st.tcfg, cond["kv"], st.dtype, st.n_image)
+
+    def hints(lo, hi, x):
+        kv_rows = jax.tree.map(lambda a: a[:, lo:hi], kv)
+        h = tr.vace_hints(params, st.tcfg, tokens[lo:hi], control[lo:hi], temb_proj[lo:hi], rope, kv_rows, st.dtype,
+                          st.layout)
+        for k, layer in enumerate(st.tcfg.vace_layers):
+            if layer < first:
+                x = x + h[k].astype(x.dtype) * scale[k].astype(x.dtype)
+        return x, {"hints": h, "hint_scale": scale, "first_layer": first}
+    return hints
 
 
 def _layers(tree, lo: int, hi: int | None):
@@ -108,9 +138,10 @@ def _rows(compute):
     return (compute[0], compute[1] if compute.shape[0] > 1 else jnp.bool_(False))
 
 
-def blocks_with_cache(params, tokens, temb_proj, rope, kv, st: LoopSpec, flags, cache):
+def blocks_with_cache(params, tokens, temb_proj, rope, kv, st: LoopSpec, flags, cache, vace=None):
     """Run the blocks only for the batch rows (cond, uncond) that compute; the others reuse their
-    cached residual. A lax.switch over the (at most) four cases, so a skipped row costs no block."""
+    cached residual. A lax.switch over the (at most) four cases, so a skipped row costs no block (nor its
+    VACE hints: ``vace``, from ``vace_rows``, runs inside the computing cases)."""
     rows = tokens.shape[0]
 
     def case(computed):
@@ -119,8 +150,9 @@ def blocks_with_cache(params, tokens, temb_proj, rope, kv, st: LoopSpec, flags, 
             if computed:  # contiguous rows: [0], [1] or [0, 1]
                 lo, hi = computed[0], computed[-1] + 1
                 kv_s = jax.tree.map(lambda a: a[:, lo:hi], kv)
-                out = tr.run_blocks(params, tokens[lo:hi], temb_proj[lo:hi], rope, kv_s, st.tcfg, st.dtype,
-                                    layout=st.layout)
+                x, hints = (tokens[lo:hi], {}) if vace is None else vace(lo, hi, tokens[lo:hi])
+                out = tr.run_blocks(params, x, temb_proj[lo:hi], rope, kv_s, st.tcfg, st.dtype,
+                                    layout=st.layout, **hints)
             parts = [out[computed.index(r):computed.index(r) + 1] if r in computed
                      else tokens[r:r + 1] + cache["r"][r:r + 1].astype(tokens.dtype) for r in range(rows)]
             return jnp.concatenate(parts), jnp.array([r in computed for r in range(rows)], jnp.int32)

@@ -45,6 +45,9 @@ class Family:
     variants: tuple[Variant, ...] = ()
     #: MagCache4Wan2.2 "i2v" mode: the high-noise expert is never cached (its script's rule)
     magcache_high_noise: bool = True
+    #: VACE (``WanVACEPipeline``): the transformer(s) take control latents (video, mask, reference images)
+    #: through their VACE blocks (``models/transformer.vace_hints``) and a conditioning scale per VACE layer
+    vace: bool = False
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -79,12 +82,27 @@ def _two(index: Mapping[str, Any]) -> bool:
     return isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is not None
 
 
+def _vace(index: Mapping[str, Any], t: Mapping[str, Any]) -> bool:
+    """A VACE repository: diffusers' WanVACEPipeline, or a transformer config with VACE layers."""
+    return index.get("_class_name") == "WanVACEPipeline" or bool(t.get("vace_layers")) or \
+        t.get("_class_name") == "WanVACETransformer3DModel"
+
+
 def _image_channels(t: Mapping[str, Any], vae: Mapping[str, Any]) -> bool:
     """I2V input: latents + 4 mask channels + image latents (36 for the Wan 2.1 VAE)."""
     return t.get("in_channels") == 2 * _z(vae) + 4
 
 
 FAMILIES: tuple[Family, ...] = (
+    # VACE first: its transformers are text-to-video ones with VACE blocks, which the T2V rules would take.
+    # Presets: Wan-AI/Wan2.1-VACE-{1.3B,14B}-diffusers; MagCache4Wan2.1 publishes VACE curves, TeaCache none.
+    # Wan 2.2 VACE (alibaba-pai's Wan2.2-VACE-Fun-A14B, two experts, boundary 0.875 in diffusers' conversion
+    # script) has no Wan-AI diffusers repository nor published cache curves: no variant.
+    Family("wan2.2-vace-a14b", ("WanVACEPipeline",), lambda i, t, v: _vace(i, t) and _two(i), experts=2,
+           vace=True),
+    Family("wan2.1-vace", ("WanVACEPipeline",), lambda i, t, v: _vace(i, t) and not _two(i), vace=True,
+           variants=(Variant("wan2.1-vace-1.3b", 12, "wan2.1_vace_1.3B"),
+                     Variant("wan2.1-vace-14b", 40, "wan2.1_vace_14B"))),
     Family("wan2.2-ti2v-5b", ("WanPipeline", "WanImageToVideoPipeline"),
            lambda i, t, v: bool(i.get("expand_timesteps")) or _z(v) == 48, image_mode="expand",
            variants=(Variant("wan2.2-ti2v-5b", 24, ("wan2.2_ti2v_5B_t2v", "wan2.2_ti2v_5B_i2v")),)),

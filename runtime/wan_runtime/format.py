@@ -148,9 +148,12 @@ class _Builder:
 # blocks), "embed" (model width), "heads" (attention heads x head_dim), "mlp" (FFN hidden), "vocab".
 # --------------------------------------------------------------------------------------------
 def transformer_tree(cfg: configs.WanTransformerConfig, weights_dtype: str = "bfloat16") -> Tree:
-    """``WanTransformer3DModel``."""
+    """``WanTransformer3DModel``, and ``WanVACETransformer3DModel`` (a config with ``vace_layers``): the
+    VACE blocks are Wan blocks stacked on their own layer axis (``vace_blocks.*``, V = len(vace_layers)),
+    each with ``proj_out`` (its hint), block 0's ``proj_in`` unstacked as ``vace_proj_in``, and the
+    control latents' ``vace_patch_embedding``."""
     c, b = configs.parse("transformer", cfg), _Builder(weights_dtype)
-    D, L, F, (pt, ph, pw) = c.dim, c.num_layers, c.ffn_dim, c.patch_size
+    D, (pt, ph, pw) = c.dim, c.patch_size
     b.add("patch_embedding.weight", (D, c.in_channels, pt, ph, pw), ("embed", None, None, None, None))
     b.add("patch_embedding.bias", (D,), ("embed",))
     ce = "condition_embedder"
@@ -166,25 +169,38 @@ def transformer_tree(cfg: configs.WanTransformerConfig, weights_dtype: str = "bf
         b.norm(f"{ce}.image_embedder.norm2", D, bias=True)
         if c.pos_embed_seq_len:
             b.add(f"{ce}.image_embedder.pos_embed", (1, c.pos_embed_seq_len, c.image_dim))
-    b.add("blocks.scale_shift_table", (L, 6, D), ("layers", None, None))
-    for attn in ("attn1", "attn2"):
-        for proj in ("to_q", "to_k", "to_v"):
-            b.linear(f"blocks.{attn}.{proj}", D, D, ("heads", "embed"), stack=L, quantize=True)
-        b.linear(f"blocks.{attn}.to_out", D, D, ("embed", "heads"), stack=L, quantize=True)
-        if c.qk_norm:
-            b.norm(f"blocks.{attn}.norm_q", D, stack=L)
-            b.norm(f"blocks.{attn}.norm_k", D, stack=L)
-    if c.added_kv_proj_dim:
-        b.linear("blocks.attn2.add_k_proj", D, c.added_kv_proj_dim, ("heads", None), stack=L, quantize=True)
-        b.linear("blocks.attn2.add_v_proj", D, c.added_kv_proj_dim, ("heads", None), stack=L, quantize=True)
-        b.norm("blocks.attn2.norm_added_k", D, stack=L)
-    if c.cross_attn_norm:
-        b.norm("blocks.norm2", D, bias=True, stack=L)
-    b.linear("blocks.ffn.fc_in", F, D, ("mlp", "embed"), stack=L, quantize=True)
-    b.linear("blocks.ffn.fc_out", D, F, ("embed", "mlp"), stack=L, quantize=True)
+    _wan_blocks(b, "blocks", c, c.num_layers)
+    if c.vace:
+        V = len(c.vace_layers)
+        b.add("vace_patch_embedding.weight", (D, c.vace_in_channels, pt, ph, pw), ("embed", None, None, None, None))
+        b.add("vace_patch_embedding.bias", (D,), ("embed",))
+        b.linear("vace_proj_in", D, D, ("embed", None))
+        _wan_blocks(b, "vace_blocks", c, V)
+        b.linear("vace_blocks.proj_out", D, D, ("embed", None), stack=V, quantize=True)
     b.add("scale_shift_table", (2, D))
     b.linear("proj_out", c.out_channels * pt * ph * pw, D, (None, "embed"))
     return b.tree()
+
+
+def _wan_blocks(b: _Builder, prefix: str, c: configs.WanTransformerConfig, L: int) -> None:
+    """The leaves of L ``WanTransformerBlock``s stacked under ``prefix`` (the main blocks, the VACE blocks)."""
+    D, F = c.dim, c.ffn_dim
+    b.add(f"{prefix}.scale_shift_table", (L, 6, D), ("layers", None, None))
+    for attn in ("attn1", "attn2"):
+        for proj in ("to_q", "to_k", "to_v"):
+            b.linear(f"{prefix}.{attn}.{proj}", D, D, ("heads", "embed"), stack=L, quantize=True)
+        b.linear(f"{prefix}.{attn}.to_out", D, D, ("embed", "heads"), stack=L, quantize=True)
+        if c.qk_norm:
+            b.norm(f"{prefix}.{attn}.norm_q", D, stack=L)
+            b.norm(f"{prefix}.{attn}.norm_k", D, stack=L)
+    if c.added_kv_proj_dim:
+        b.linear(f"{prefix}.attn2.add_k_proj", D, c.added_kv_proj_dim, ("heads", None), stack=L, quantize=True)
+        b.linear(f"{prefix}.attn2.add_v_proj", D, c.added_kv_proj_dim, ("heads", None), stack=L, quantize=True)
+        b.norm(f"{prefix}.attn2.norm_added_k", D, stack=L)
+    if c.cross_attn_norm:
+        b.norm(f"{prefix}.norm2", D, bias=True, stack=L)
+    b.linear(f"{prefix}.ffn.fc_in", F, D, ("mlp", "embed"), stack=L, quantize=True)
+    b.linear(f"{prefix}.ffn.fc_out", D, F, ("embed", "mlp"), stack=L, quantize=True)
 
 
 def text_encoder_tree(cfg: configs.UMT5Config, weights_dtype: str = "bfloat16") -> Tree:

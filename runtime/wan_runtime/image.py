@@ -5,6 +5,8 @@
   bicubic, on uint8), center crop, rescale 1/255, normalise with the CLIP mean / std.
 * :func:`video_preprocess`: the VAE's first frame, as diffusers' ``VideoProcessor.preprocess`` in
   ``WanImageToVideoPipeline``: PIL Lanczos resize to (width, height), then [0, 255] -> [-1, 1].
+* :func:`reference_preprocess`: a VACE reference image, as ``WanVACEPipeline.preprocess_conditions``: fitted
+  into the frame (bilinear, aspect kept) on a white canvas.
 """
 from __future__ import annotations
 
@@ -98,3 +100,35 @@ def video_preprocess(img: PIL.Image.Image, height: int, width: int, *, vae_scale
     x = np.asarray(img).astype(np.float32) / np.float32(255.0)  # (H, W, 3)
     x = np.float32(2.0) * x - np.float32(1.0)
     return x.transpose(2, 0, 1)[None, :, None]
+
+
+def reference_preprocess(img: PIL.Image.Image, height: int, width: int, *, vae_scale_factor: int = 8) -> np.ndarray:
+    """A VACE reference image -> (3, height, width) float32 in [-1, 1], as diffusers' WanVACEPipeline: the
+    image processor at the image's own size (floored to multiples of ``vae_scale_factor``: a Lanczos resize,
+    then [-1, 1]), a bilinear resize (torch's ``interpolate``, align_corners=False) to fit inside
+    height x width with its aspect kept, centred on a white canvas."""
+    h, w = img.height - img.height % vae_scale_factor, img.width - img.width % vae_scale_factor
+    x = video_preprocess(img, h, w, vae_scale_factor=vae_scale_factor)[0, :, 0]  # (3, h, w)
+    scale = min(height / h, width / w)
+    new_h, new_w = int(h * scale), int(w * scale)
+    canvas = np.ones((3, height, width), np.float32)
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    canvas[:, top:top + new_h, left:left + new_w] = _bilinear(_bilinear(x, new_h, axis=1), new_w, axis=2)
+    return canvas
+
+
+def _bilinear(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Linear resampling of one axis to ``size`` samples as torch's bilinear ``interpolate`` (align_corners
+    False, no antialias) computes it: source = max((i + 0.5) * in / out - 0.5, 0) in float32."""
+    n = x.shape[axis]
+    if n == size:
+        return x
+    src = np.maximum((np.arange(size, dtype=np.float32) + np.float32(0.5)) * np.float32(n / size) - np.float32(0.5),
+                     np.float32(0))
+    lo = src.astype(np.int64)
+    hi = np.minimum(lo + 1, n - 1)
+    frac = np.minimum(src - lo.astype(np.float32), np.float32(1))
+    shape = [1] * x.ndim
+    shape[axis] = size
+    frac = frac.reshape(shape)
+    return (np.float32(1) - frac) * np.take(x, lo, axis=axis) + frac * np.take(x, hi, axis=axis)

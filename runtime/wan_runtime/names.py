@@ -17,29 +17,50 @@ from __future__ import annotations
 
 import re
 
-#: diffusers' transformer names -> the runtime tree's
+def _block(src: str, dst: str) -> tuple[tuple[str, str], ...]:
+    """diffusers' names of one stack of ``WanTransformerBlock``s (``src.{L}.``) -> the runtime's (``dst.``)."""
+    return ((f"{src}.{{L}}.attn1.to_out.0.", f"{dst}.attn1.to_out."),
+            (f"{src}.{{L}}.attn2.to_out.0.", f"{dst}.attn2.to_out."),
+            (f"{src}.{{L}}.ffn.net.0.proj.", f"{dst}.ffn.fc_in."),
+            (f"{src}.{{L}}.ffn.net.2.", f"{dst}.ffn.fc_out."),
+            (f"{src}.{{L}}.", f"{dst}."))
+
+
+#: diffusers' transformer names -> the runtime tree's (VACE: its blocks stacked as ``vace_blocks``, block
+#: 0's input projection on its own, ``vace_patch_embedding`` as it is)
 TRANSFORMER = (
-    ("blocks.{L}.attn1.to_out.0.", "blocks.attn1.to_out."),
-    ("blocks.{L}.attn2.to_out.0.", "blocks.attn2.to_out."),
-    ("blocks.{L}.ffn.net.0.proj.", "blocks.ffn.fc_in."),
-    ("blocks.{L}.ffn.net.2.", "blocks.ffn.fc_out."),
-    ("blocks.{L}.", "blocks."),
+    *_block("blocks", "blocks"),
+    ("vace_blocks.0.proj_in.", "vace_proj_in."),
+    *_block("vace_blocks", "vace_blocks"),
     ("condition_embedder.image_embedder.ff.net.0.proj.", "condition_embedder.image_embedder.ff.fc_in."),
     ("condition_embedder.image_embedder.ff.net.2.", "condition_embedder.image_embedder.ff.fc_out."),
     ("", ""),
 )
 
-#: the original Wan transformer names -> diffusers' (the inverse of diffusers' conversion script)
+
+def _original_block(blocks: str) -> tuple[tuple[str, str], ...]:
+    """The original names of one stack of Wan blocks (``blocks`` or VACE's ``vace_blocks``) -> diffusers'."""
+    b = f"{blocks}.{{L}}"
+    return (
+        *((f"{b}.self_attn.{o}.", f"{b}.attn1.{d}.") for o, d in
+          (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"), ("norm_q", "norm_q"), ("norm_k", "norm_k"))),
+        *((f"{b}.cross_attn.{o}.", f"{b}.attn2.{d}.") for o, d in
+          (("q", "to_q"), ("k_img", "add_k_proj"), ("v_img", "add_v_proj"), ("k", "to_k"), ("v", "to_v"),
+           ("o", "to_out.0"), ("norm_q", "norm_q"), ("norm_k_img", "norm_added_k"), ("norm_k", "norm_k"))),
+        (f"{b}.ffn.0.", f"{b}.ffn.net.0.proj."),
+        (f"{b}.ffn.2.", f"{b}.ffn.net.2."),
+        (f"{b}.norm3.", f"{b}.norm2."),  # the cross-attention norm (the only block norm with weights)
+        (f"{b}.modulation", f"{b}.scale_shift_table"),
+    )
+
+
+#: the original Wan transformer names -> diffusers' (the inverse of diffusers' conversion script; VACE's
+#: ``before_proj`` / ``after_proj`` are diffusers' ``proj_in`` / ``proj_out``)
 ORIGINAL_TRANSFORMER = (
-    *((f"blocks.{{L}}.self_attn.{o}.", f"blocks.{{L}}.attn1.{d}.") for o, d in
-      (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"), ("norm_q", "norm_q"), ("norm_k", "norm_k"))),
-    *((f"blocks.{{L}}.cross_attn.{o}.", f"blocks.{{L}}.attn2.{d}.") for o, d in
-      (("q", "to_q"), ("k_img", "add_k_proj"), ("v_img", "add_v_proj"), ("k", "to_k"), ("v", "to_v"),
-       ("o", "to_out.0"), ("norm_q", "norm_q"), ("norm_k_img", "norm_added_k"), ("norm_k", "norm_k"))),
-    ("blocks.{L}.ffn.0.", "blocks.{L}.ffn.net.0.proj."),
-    ("blocks.{L}.ffn.2.", "blocks.{L}.ffn.net.2."),
-    ("blocks.{L}.norm3.", "blocks.{L}.norm2."),  # the cross-attention norm (the only block norm with weights)
-    ("blocks.{L}.modulation", "blocks.{L}.scale_shift_table"),
+    *_original_block("blocks"),
+    *_original_block("vace_blocks"),
+    ("vace_blocks.{L}.before_proj.", "vace_blocks.{L}.proj_in."),
+    ("vace_blocks.{L}.after_proj.", "vace_blocks.{L}.proj_out."),
     ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
     ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
     ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
@@ -53,6 +74,7 @@ ORIGINAL_TRANSFORMER = (
     ("head.head.", "proj_out."),
     ("head.modulation", "scale_shift_table"),
     ("patch_embedding.", "patch_embedding."),
+    ("vace_patch_embedding.", "vace_patch_embedding."),
 )
 
 

@@ -1,15 +1,20 @@
 """One pipeline for every Wan family, in stages a reader can follow top to bottom:
 
-    encode_prompt -> prepare_image_condition -> prepare_latents -> denoise -> decode
+    encode_prompt -> prepare_image_condition / prepare_vace_condition -> prepare_latents
+    (-> prepare_video_latents) -> denoise -> decode
 
 ``WanPipeline.__call__`` resolves the settings into one ``RunConfig`` (runconfig.py) and ``generate``
 composes the stages; the result is a ``Generation`` (frames, latents, timings, block runs, warnings).
 ``generate_batch`` runs the same stages for B videos of one settings class (``RunConfig.batch_key``) at
 once, and ``generate`` is its batch of one: one code path.
 Families differ by their ``families.Family`` entry (experts, how an image conditions the model, CLIP
-tokens), never by copied pipeline code. The per-generation work outside the loop is done once: text
-embeddings (positive and negative in one batch), the text embedder and every block's cross-attention K/V
-(per expert, at the start of its phase), RoPE tables; the loop itself is one executable (denoise.py) for
+tokens, VACE), never by copied pipeline code. Video inputs: on a text-to-video checkpoint an input video makes
+a video-to-video run (diffusers' WanVideoToVideoPipeline: its latents noised at the first step that
+``strength`` keeps, the schedule's tail denoised); on a VACE checkpoint it is the control (diffusers'
+WanVACEPipeline: control video, mask and reference images VAE-encoded once into control latents).
+The per-generation work outside the loop is done once: text embeddings (positive and negative in one batch),
+the text embedder and every block's cross-attention K/V (per expert, at the start of its phase; VACE: its
+control tokens and VACE blocks' K/V too), RoPE tables; the loop itself is one executable (denoise.py) for
 every step count, guidance, boundary and expert. The offload mode (residency.py) decides which weights
 leave the device between their uses: the encoders after the conditioning, the inactive Wan 2.2 expert.
 """
@@ -30,6 +35,7 @@ from . import families, residency, schedulers
 from . import lora as lora_lib
 from . import checkpoint as ckpt_lib
 from . import denoise as loop
+from . import video as video_lib
 from . import distributed as dist
 from . import sharding as shd
 from .compile_cache import ExecutableCache
@@ -37,6 +43,7 @@ from .models import transformer as tr
 from .models import umt5
 from .models import vae as vae_lib
 from .runconfig import DEFAULT_NEGATIVE, Dtypes, InputError, RunConfig, group_batches  # noqa: F401  (the API's names)
+from .runconfig import VideoInputs
 from .text import Tokenizer, embed_tokens, tokenize_prompts
 
 
@@ -104,15 +111,20 @@ def _cast_leaves(leaves, todo):
     return {p: leaves[p].astype(d) for p, d in todo}
 
 
-def _conditions(p, text_emb, image_emb, c, dtype, kv_cache=True):
+def _conditions(p, text_emb, image_emb, control, c, dtype, kv_cache=True):
     """One transformer's text (and CLIP image) context, then every block's cross-attention K/V (computed
-    once); with kv_cache off, the context the loop recomputes them from."""
+    once); with kv_cache off, the context the loop recomputes them from. VACE (``control``: the control
+    latents): also {"control": its control tokens, "kv": the VACE blocks' K/V (or the context)}."""
     ctx, n_image = tr.embed_text(p, c, text_emb, dtype), 0
     if image_emb is not None and c.image_dim:
         img = tr.embed_image(p, c, image_emb, dtype)
         img = jnp.tile(img, (ctx.shape[0] // img.shape[0], 1, 1))  # B videos' tokens for 2B rows with CFG
         ctx, n_image = jnp.concatenate([img.astype(ctx.dtype), ctx], axis=1), img.shape[1]
-    return tr.cross_kv(p, c, ctx, dtype, n_image) if kv_cache else ctx
+    kv = tr.cross_kv(p, c, ctx, dtype, n_image) if kv_cache else ctx
+    if control is None:
+        return kv
+    vace_kv = tr.cross_kv_vace(p, c, ctx, dtype, n_image) if kv_cache else ctx
+    return kv, {"control": tr.vace_patchify(p, c, control, dtype), "kv": vace_kv}
 
 
 def _encode_condition(vae_params, video, mean, inv_std, *, vcfg, dtype, precision="highest"):
@@ -180,14 +192,17 @@ class TextCondition(NamedTuple):
         return self.token_counts[rows], tuple(self.truncated[r] for r in rows)
 
 
-class ImageCondition(NamedTuple):
-    """How a first-frame image enters the loop (``denoise.LoopSpec.mode``), its latents, the TI2V mask,
-    and the CLIP image tokens (Wan 2.1 I2V)."""
+class Condition(NamedTuple):
+    """How an image or a VACE control enters the loop (``denoise.LoopSpec.mode``): "concat" / "expand": the
+    image latents (``cond``), the TI2V mask (``mask``), the CLIP image tokens (Wan 2.1 I2V); "vace": the
+    control latents (``cond``, (B, vace_in_channels, F', H', W')), the conditioning scale per VACE layer
+    (``mask``, (V,)) and the reference images' latent frames in front (``trim``, cut before decoding)."""
 
     mode: str = "none"
     cond: Any = None
     mask: Any = None
     clip_tokens: Any = None
+    trim: int = 0
 
 
 class Denoised(NamedTuple):
@@ -200,7 +215,8 @@ class Denoised(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Generation:
     """What a generation returns: frames (F, H, W, 3), float32 in [0, 1] or uint8; the final latents
-    (1, C, F', H', W'); the resolved settings; per-stage timings; step-caching counters; warnings."""
+    (1, C, F', H', W', as decoded: VACE's reference frames cut); the resolved settings; per-stage timings;
+    step-caching counters; warnings."""
 
     frames: np.ndarray
     latents: jax.Array
@@ -337,12 +353,13 @@ class WanPipeline:
         return other
 
     # ------------------------------------------------------------------ settings
-    def config(self, *, image: bool = False, cache=None, **settings) -> RunConfig:
+    def config(self, *, image: bool = False, cache=None, inputs: VideoInputs | None = None, **settings) -> RunConfig:
         """The validated RunConfig of a generation: the pipeline's preset and the checkpoint's own configs
-        under ``settings`` (diffusers' names, or wan-run's). ``cache``: a ``caching.Policy``, or the name of
-        one with its settings in ``settings`` (cache_thresh, ...)."""
+        (and the input video's frame count and size) under ``settings`` (diffusers' names, or wan-run's).
+        ``cache``: a ``caching.Policy``, or the name of one with its settings in ``settings`` (cache_thresh,
+        ...). ``inputs``: the generation's video inputs (``video.load_inputs``)."""
         named = {API_NAMES.get(k, k): v for k, v in settings.items()}
-        return RunConfig.resolve(self.ckpt, self.preset, image=image, cache=cache, **named)
+        return RunConfig.resolve(self.ckpt, self.preset, image=image, cache=cache, inputs=inputs, **named)
 
     @property
     def vae_scale_spatial(self) -> int:
@@ -362,31 +379,42 @@ class WanPipeline:
 
     # ------------------------------------------------------------------ generation
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                 image=None, latents=None, output_type: str = "np", cache=None,
-                 progress: Callable[[int], None] | None = None, num_videos_per_prompt: int = 1,
+                 image=None, video=None, mask=None, reference_images=None, latents=None, output_type: str = "np",
+                 cache=None, progress: Callable[[int], None] | None = None, num_videos_per_prompt: int = 1,
                  **settings) -> "Generation | list[Generation]":
         """Generate from a prompt. ``settings``: height, width, num_frames, num_inference_steps,
-        guidance_scale, guidance_scale_2, seed, flow_shift, scheduler, max_sequence_length, ... (defaults:
-        the pipeline's preset, else the checkpoint's own configs, else RunConfig's). ``image``: a path or
-        PIL image for image-to-video models. ``latents``: initial latents (C, F', H', W') or with a batch
-        axis. ``output_type``: "np" (float32 frames in [0, 1]) or "uint8". ``cache``: a step-caching
-        ``caching.Policy`` (or a policy name). ``progress(i)`` is called after step i.
+        guidance_scale, guidance_scale_2, seed, flow_shift, scheduler, max_sequence_length, strength,
+        conditioning_scale, ... (defaults: the pipeline's preset, else the checkpoint's own configs, else
+        RunConfig's). ``image``: a path or PIL image for image-to-video models. ``video``: a file, a list of
+        PIL images or uint8 frames (F, H, W, 3): on a text-to-video model the input of video-to-video
+        (``strength``, default 0.8: the fraction of the schedule that runs), on a VACE model the control video;
+        its frame count and size are num_frames, height and width unless given (a given size resizes it).
+        VACE also takes ``mask`` (frames as the video's; white: generate), ``reference_images`` (PIL images
+        or paths) and ``conditioning_scale`` (a float or one per VACE layer); without a video it conditions
+        on a zero video and an all-ones mask, as diffusers. ``latents``: initial latents (C, F', H', W') or
+        with a batch axis (video-to-video: the noise added to the video's latents; VACE: one more latent
+        frame per reference image, in front). ``output_type``: "np" (float32 frames in [0, 1]) or "uint8".
+        ``cache``: a step-caching ``caching.Policy`` (or a policy name). ``progress(i)`` is called after
+        step i.
 
         Several videos: a list of prompts, or ``num_videos_per_prompt`` > 1, returns a list of Generation in
         prompt-major order (each prompt's videos together); the k-th video of the list uses seed ``seed + k``.
-        ``negative_prompt`` and ``image`` are then one for every prompt, or a list with one per prompt;
-        ``latents``, if given, has one row per video: (N, C, F', H', W'). The videos run as one batch
-        (``generate_batch``: each equal to its own generation with its seed, up to float rounding), or one
-        at a time under a step-caching policy. A str prompt with one video returns one Generation."""
+        ``negative_prompt`` and ``image`` are then one for every prompt, or a list with one per prompt (the
+        video inputs: one for every prompt); ``latents``, if given, has one row per video: (N, C, F', H', W').
+        The videos run as one batch (``generate_batch``: each equal to its own generation with its seed, up to
+        float rounding), or one at a time under a step-caching policy. A str prompt with one video returns one
+        Generation."""
         single = isinstance(prompt, str) and num_videos_per_prompt == 1
+        inputs = video_lib.load_inputs(video, mask, reference_images)
         prompts, configs, images, inits = self._videos(prompt, negative_prompt, image, latents,
-                                                       num_videos_per_prompt, cache, settings)
-        gens = [g for batch in group_batches([c.batch_key() for c in configs]) for g in self.generate_batch(
-            [prompts[i] for i in batch], [configs[i] for i in batch], images=[images[i] for i in batch],
-            latents=[inits[i] for i in batch], output_type=output_type, progress=progress)]
+                                                       num_videos_per_prompt, cache, inputs, settings)
+        gens = [g for batch in group_batches([c.batch_key() for c in configs]) for g in
+                self.generate_batch([prompts[i] for i in batch], [configs[i] for i in batch],
+                                    images=[images[i] for i in batch], latents=[inits[i] for i in batch],
+                                    videos=[inputs] * len(batch), output_type=output_type, progress=progress)]
         return gens[0] if single else gens
 
-    def _videos(self, prompt, negative_prompt, image, latents, per_prompt: int, cache, settings: dict):
+    def _videos(self, prompt, negative_prompt, image, latents, per_prompt: int, cache, inputs, settings: dict):
         """``__call__``'s videos, prompt-major: (prompts, configs, images, initial latents), one each; the
         k-th video's seed is the resolved seed + k."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -396,60 +424,82 @@ class WanPipeline:
                              ((negative_prompt, "negative_prompt"), (image, "image")))
         configs = []
         for neg, img in zip(negatives, images):
-            base = self.config(image=img is not None, cache=cache, negative_prompt=neg, **settings)
+            base = self.config(image=img is not None, cache=cache, inputs=inputs, negative_prompt=neg, **settings)
             for _ in range(per_prompt):  # the k-th video overall: seed + k
                 seed = base.seed + len(configs)
-                configs.append(dataclasses.replace(base, seed=seed).validate(self.ckpt, img is not None))
+                configs.append(dataclasses.replace(base, seed=seed).validate(self.ckpt, img is not None, inputs))
         n, repeat = len(configs), lambda xs: [x for x in xs for _ in range(per_prompt)]  # noqa: E731
         return repeat(prompts), configs, repeat(images), [latents] if n == 1 else _rows(latents, n)
 
-    def generate(self, prompt: str, config: RunConfig, *, image=None, latents=None, output_type: str = "np",
-                 progress: Callable[[int], None] | None = None) -> Generation:
-        """The stages of one generation, with a RunConfig already resolved and validated: ``generate_batch``'s
-        batch of one."""
-        return self.generate_batch([prompt], [config], images=[image], latents=[latents], output_type=output_type,
-                                   progress=progress)[0]
+    def generate(self, prompt: str, config: RunConfig, *, image=None, video: VideoInputs | None = None,
+                 latents=None, output_type: str = "np", progress: Callable[[int], None] | None = None) -> Generation:
+        """The stages of one generation, with a RunConfig already resolved and validated (with ``video``, the
+        video inputs): ``generate_batch``'s batch of one."""
+        return self.generate_batch([prompt], [config], images=[image], latents=[latents], videos=[video],
+                                   output_type=output_type, progress=progress)[0]
 
     def generate_batch(self, prompts: Sequence[str], configs: Sequence[RunConfig], *, images=None, latents=None,
-                       output_type: str = "np", progress: Callable[[int], None] | None = None) -> list[Generation]:
+                       videos=None, output_type: str = "np",
+                       progress: Callable[[int], None] | None = None) -> list[Generation]:
         """The stages of a generation of B videos at once, with RunConfigs resolved and validated: the prompts
         and negative prompts encoded in one batch, one denoise loop over the videos' latents (with guidance
         2B rows: every video's conditional row, then every video's unconditional one), then each video
         decoded alone (the decode executable and its memory are those of one video). Each video equals its
         own generation (the same seed) up to float rounding. The ``configs`` share one
         ``RunConfig.batch_key`` (every setting but the seed and the negative prompt; no step caching), unless
-        B = 1. ``images``, ``latents``: one per video (or None), as ``generate`` takes them. The Generations
-        share the batch's Timings; ``progress(i)`` is called after step i."""
+        B = 1. ``images``, ``latents``, ``videos`` (``VideoInputs``): one per video (or None), as ``generate``
+        takes them (VACE: each video its own control, as many reference images each). The Generations share
+        the batch's Timings; ``progress(i)`` is called after step i."""
         prompts, configs = list(prompts), list(configs)
-        images, inits = _check_batch(prompts, configs, images, latents)
+        images, inits, videos = _check_batch(prompts, configs, images, latents, videos, self.family.vace)
         config, n = configs[0], len(configs)
-        shape = config.latent_shape(self.ckpt)
-        x0 = jnp.concatenate([self.prepare_latents(c, x) for c, x in zip(configs, inits)])
+        refs = len(videos[0].references) if videos[0] is not None else 0
+        noise = jnp.concatenate([self.prepare_latents(c, x, refs) for c, x in zip(configs, inits)])
         timings = Timings(load=self.load_seconds)
         do_cfg = config.do_cfg(len(self.experts))
         with _Stage(timings, "conditioning") as stage:
             text = self.encode_prompt(prompts, [c.negative_prompt for c in configs], do_cfg,
                                       config.max_sequence_length, timings)
-            img = self._image_conditions(images, configs, shape, timings)
-            stage.wait((text.embeddings, img.cond, img.clip_tokens))
+            img = self._input_conditions(images, videos, configs, noise.shape, timings)
+            x0 = self._start_latents(noise, videos, configs, timings)
+            stage.wait((text.embeddings, img.cond, img.clip_tokens, x0))
             self._release(*residency.ENCODERS)
         with _Stage(timings, "denoise") as stage:
             den = self.denoise(x0, text.embeddings, img, config, do_cfg, timings, progress)
             stage.wait(den.latents)
         with _Stage(timings, "decode"):
-            videos = _split(den.latents, n)
-            frames = [self.decode(x, output_type, timings) for x in videos]
+            latents = _split(den.latents[:, :, img.trim:] if img.trim else den.latents, n)
+            frames = [self.decode(x, output_type, timings) for x in latents]
         return [Generation(f, x, c, timings, den.block_runs, den.mag_ratios, den.warnings, *text.video(i, n))
-                for i, (f, x, c) in enumerate(zip(frames, videos, configs))]
+                for i, (f, x, c) in enumerate(zip(frames, latents, configs))]
 
-    def prepare_latents(self, config: RunConfig, latents=None) -> jax.Array:
-        """Gaussian noise from the seed, or the given initial latents (shape checked)."""
-        shape = config.latent_shape(self.ckpt)
+    def prepare_latents(self, config: RunConfig, latents=None, references: int = 0) -> jax.Array:
+        """Gaussian noise from the seed, or the given initial latents (shape checked); VACE's ``references``
+        add a latent frame each."""
+        shape = config.latent_shape(self.ckpt, references)
         if latents is None:
             return jax.random.normal(jax.random.key(config.seed), shape, jnp.float32)
         latents = np.asarray(latents, np.float32)
-        config.check_latents(self.ckpt, latents.shape)
+        config.check_latents(self.ckpt, latents.shape, references)
         return jnp.asarray(latents.reshape(shape))
+
+    def _start_latents(self, noise, videos: list, configs: list, timings: "Timings"):
+        """The latents the loop starts from: the noise, or (video-to-video) each video's ``prepare_video_latents``."""
+        if self.family.vace or videos[0] is None:
+            return noise
+        return jnp.concatenate([self.prepare_video_latents(v.video, c, noise[i:i + 1], timings)
+                                for i, (v, c) in enumerate(zip(videos, configs))])
+
+    def prepare_video_latents(self, frames, config: RunConfig, noise, timings: "Timings") -> jax.Array:
+        """Video-to-video, as diffusers' WanVideoToVideoPipeline: the frames resized to the generation's size,
+        VAE-encoded ("argmax": the mean) and normalised, then noised by the scheduler at the first step that
+        runs (``RunConfig.first_step``): (1 - sigma) x + sigma noise (UniPC's add_noise, Euler's scale_noise)."""
+        start = config.first_step()
+        video = jnp.asarray(video_lib.video_preprocess(frames, config.height, config.width))
+        z = self._vae_encode(video, timings)
+        sigma = np.float32(schedulers.make_schedule(config.scheduler, config.steps, config.flow_shift,
+                                                    start=start).sigmas[start])
+        return (np.float32(1) - sigma) * z + sigma * noise
 
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str], do_cfg: bool,
                       max_sequence_length: int, timings: "Timings") -> TextCondition:
@@ -465,30 +515,36 @@ class WanPipeline:
                            self.params["text_encoder"], ids, tmask)
         return TextCondition(fn(self.params["text_encoder"], ids, tmask), counts, tuple(truncated))
 
-    def cross_attention(self, k: int, text_emb, clip_tokens, timings: "Timings"):
-        """Expert ``k``'s cross-attention K/V of every block (with kv_cache off: the context they come from)."""
+    def cross_attention(self, k: int, text_emb, clip_tokens, timings: "Timings", control=None):
+        """Expert ``k``'s cross-attention K/V of every block (with kv_cache off: the context they come from);
+        VACE (``control``: the control latents): (that, the expert's control tokens and VACE blocks' K/V)."""
         expert = self.params[self.experts[k]]
         dt = jnp.dtype(self.dtypes.transformer)
-        key = ("conditions", self.tcfgs[k], text_emb.shape, None if clip_tokens is None else clip_tokens.shape,
-               self.kv_cache, dt.name)
+        shape = lambda x: None if x is None else x.shape  # noqa: E731
+        key = ("conditions", self.tcfgs[k], text_emb.shape, shape(clip_tokens), shape(control), self.kv_cache, dt.name)
         fn = self._compile(timings, key, functools.partial(_conditions, c=self.tcfgs[k], dtype=dt,
-                                                           kv_cache=self.kv_cache), expert, text_emb, clip_tokens)
-        return fn(expert, text_emb, clip_tokens)
+                                                           kv_cache=self.kv_cache), expert, text_emb, clip_tokens,
+                           control)
+        return fn(expert, text_emb, clip_tokens, control)
 
     def _release(self, *components: str) -> None:
         """Free the device copies of those of ``components`` this pipeline's offload mode moves."""
         self.params.release(*(c for c in components if c in self.moved))
 
-    def _image_conditions(self, images: list, configs: list, shape, timings: "Timings") -> ImageCondition:
-        """Each video's image condition (``prepare_image_condition``), along the batch axis."""
-        if images[0] is None:
-            return ImageCondition()
-        conds = [self.prepare_image_condition(im, c, shape, timings) for im, c in zip(images, configs)]
+    def _input_conditions(self, images: list, videos: list, configs: list, shape, timings: "Timings") -> Condition:
+        """Each video's image condition (``prepare_image_condition``) or VACE control (``prepare_vace_condition``),
+        along the batch axis."""
+        if self.family.vace:
+            conds = [self.prepare_vace_condition(v or VideoInputs(), c, timings) for v, c in zip(videos, configs)]
+        elif images[0] is None:
+            return Condition()
+        else:
+            conds = [self.prepare_image_condition(im, c, shape, timings) for im, c in zip(images, configs)]
         cat = lambda xs: xs[0] if len(xs) == 1 or xs[0] is None else jnp.concatenate(xs)  # noqa: E731
-        return ImageCondition(conds[0].mode, cat([c.cond for c in conds]), conds[0].mask,
-                              cat([c.clip_tokens for c in conds]))
+        return Condition(conds[0].mode, cat([c.cond for c in conds]), conds[0].mask,
+                         cat([c.clip_tokens for c in conds]), conds[0].trim)
 
-    def prepare_image_condition(self, image, config: RunConfig, shape, timings: "Timings") -> ImageCondition:
+    def prepare_image_condition(self, image, config: RunConfig, shape, timings: "Timings") -> Condition:
         """Image -> how it enters the loop, as diffusers' WanImageToVideoPipeline: I2V ("concat"): VAE
         latents of the image then zero frames, plus 4 mask channels; TI2V ("expand"): latent frame 0 is
         the image's. Wan 2.1 I2V adds CLIP ViT-H penultimate tokens."""
@@ -505,7 +561,35 @@ class WanPipeline:
         else:
             cond = self._vae_encode(first, timings)
             mask = jnp.ones((1, 1, f_lat, h_lat, w_lat), jnp.float32).at[:, :, 0].set(0.0)
-        return ImageCondition(self.family.image_mode, cond, mask, self._clip_tokens(img, timings))
+        return Condition(self.family.image_mode, cond, mask, self._clip_tokens(img, timings))
+
+    def prepare_vace_condition(self, inputs: VideoInputs, config: RunConfig, timings: "Timings") -> Condition:
+        """VACE's control latents, once per generation, as diffusers' WanVACEPipeline (preprocess_conditions,
+        prepare_video_latents, prepare_masks): the control video at the generation's size (none: zeros) and
+        its mask (none: ones); the inactive (video x (1 - mask > 0.5)) and reactive (video x mask > 0.5)
+        videos VAE-encoded and normalised, channels concatenated; each reference image fitted on a white
+        canvas, VAE-encoded (with zero "reactive" channels) and put in front as a latent frame (the last
+        given first); then the mask folded onto the latent grid (``vace_mask_latents``) as more channels."""
+        from . import image as image_lib
+
+        h, w, f = config.height, config.width, config.frames
+        if inputs.video is None:
+            video = np.zeros((1, 3, f, h, w), np.float32)
+        else:
+            video = video_lib.video_preprocess(inputs.video, h, w)
+        mask = np.ones_like(video) if inputs.mask is None else video_lib.mask_preprocess(inputs.mask, h, w)
+        binary = (mask > 0.5).astype(np.float32)
+        latents = jnp.concatenate([self._vae_encode(jnp.asarray(video * (1 - binary)), timings),
+                                   self._vae_encode(jnp.asarray(video * binary), timings)], axis=1)
+        for ref in inputs.references:
+            img = image_lib.load_image(ref) if not hasattr(ref, "convert") else ref
+            z = self._vae_encode(jnp.asarray(image_lib.reference_preprocess(img, h, w)[None, :, None]), timings)
+            latents = jnp.concatenate([jnp.concatenate([z, jnp.zeros_like(z)], axis=1), latents], axis=2)
+        folded = vace_mask_latents(mask, self.vae_scale_temporal, self.vae_scale_spatial,
+                                   self.tcfgs[0].patch_size[1], len(inputs.references))
+        control = jnp.concatenate([latents, jnp.asarray(folded)], axis=1)
+        scale = jnp.asarray(config.control_scale(len(self.tcfgs[0].vace_layers)), jnp.float32)
+        return Condition("vace", control, scale, None, trim=len(inputs.references))
 
     def _vae_encode(self, video, timings: "Timings"):
         mean, inv_std = self._latent_stats()
@@ -530,12 +614,13 @@ class WanPipeline:
                            lambda p, x: clip.encode_image(p, ccfg, x, dtype=cdt), self.params["image_encoder"], pixels)
         return fn(self.params["image_encoder"], pixels)
 
-    def denoise(self, latents, text_emb, img: ImageCondition, config: RunConfig, do_cfg: bool, timings: "Timings",
+    def denoise(self, latents, text_emb, img: Condition, config: RunConfig, do_cfg: bool, timings: "Timings",
                 progress: Callable[[int], None] | None = None) -> Denoised:
         """The sampling loop (denoise.py), per expert phase (Wan 2.2 A14B: the high-noise expert's steps
-        before the boundary, then the low-noise expert's): see ``_phase``."""
-        steps, tcfg = config.steps, self.tcfgs[0]
-        sched = schedulers.make_schedule(config.scheduler, steps, config.flow_shift)
+        before the boundary, then the low-noise expert's): see ``_phase``. Video-to-video runs the steps from
+        ``RunConfig.first_step``."""
+        steps, tcfg, start = config.steps, self.tcfgs[0], config.first_step()
+        sched = schedulers.make_schedule(config.scheduler, steps, config.flow_shift, start=start)
         arrays, timesteps = loop.pad_schedule(sched.arrays, sched.timesteps)
         two = len(self.experts) > 1 and config.boundary is not None
         boundary = schedulers.expert_boundary_index(sched.timesteps, config.boundary) if two else steps
@@ -551,7 +636,7 @@ class WanPipeline:
         carry = (latents, schedulers.init_state(sched.arrays, latents, st.sched_dtype), state)
         rest = (img.cond, img.mask, arrays, jnp.asarray(timesteps), tr.rope_tables(tcfg, grid),
                 None if plan is None else loop.pad_plan(plan, steps))
-        for k, (lo, hi) in enumerate(((0, boundary), (boundary, steps))):
+        for k, (lo, hi) in enumerate(((start, boundary), (max(start, boundary), steps))):
             if lo < hi:
                 guidance = config.guidance if k == 0 else config.guidance_low
                 carry = self._phase(k, range(lo, hi), carry, rest, text_emb, img, guidance,
@@ -565,13 +650,17 @@ class WanPipeline:
         return Denoised(fin(carry[0], img.cond, img.mask), dist.to_host(carry[2]["ran"]),
                         dist.to_host(carry[2]["ratios"])[:steps], (warn,) if warn else ())
 
-    def _phase(self, k: int, steps: range, carry, rest, text_emb, img: ImageCondition, guidance: float,
+    def _phase(self, k: int, steps: range, carry, rest, text_emb, img: Condition, guidance: float,
                st: loop.LoopSpec, grid: tuple, scheduler: str, timings: "Timings", progress) -> tuple:
         """Steps ``steps`` with expert ``k``: the other expert leaves the device first (if offloaded), this
         one's cross-attention K/V is computed once, then the steps run in one executable call (or one per
         step); the K/V is freed at the end. Both experts' phases share one executable."""
         self._release(*(c for i, c in enumerate(self.experts) if i != k))
-        params, kv = self.params[self.experts[k]], self.cross_attention(k, text_emb, img.clip_tokens, timings)
+        vace = img.mode == "vace"
+        params = self.params[self.experts[k]]
+        kv = self.cross_attention(k, text_emb, img.clip_tokens, timings, img.cond if vace else None)
+        if vace:  # the loop's condition: this expert's control tokens and VACE K/V (computed once per phase)
+            kv, rest = kv[0], (kv[1],) + rest[1:]
         kv_shapes = tuple(a.shape for a in jax.tree.leaves(kv))  # the text length (max_sequence_length) among them
         g = jnp.float32(guidance)
         run = self._compile(timings, ("denoise", st, grid, carry[0].shape, scheduler, kv_shapes),
@@ -682,14 +771,29 @@ def _rows(latents, n: int) -> list:
     return list(latents)
 
 
-def _check_batch(prompts: list, configs: list, images, latents) -> tuple[list, list]:
+def vace_mask_latents(mask: np.ndarray, temporal: int, spatial: int, patch: int, references: int = 0) -> np.ndarray:
+    """A VACE mask (1, C, F, H, W) in [0, 1] on the latent grid, as diffusers' ``WanVACEPipeline.prepare_masks``:
+    its first channel's spatial x spatial pixel blocks folded into channels (1, spatial**2, F, H', W'), the
+    frames subsampled to (F + temporal - 1) // temporal ("nearest-exact": frame floor((j + 0.5) F / F'),
+    as torch computes it in float32), a zero frame in front per reference image."""
+    m = np.asarray(mask, np.float32)[0, 0]
+    f, h, w = m.shape
+    nf, nh, nw = (f + temporal - 1) // temporal, h // (spatial * patch) * patch, w // (spatial * patch) * patch
+    m = m.reshape(f, nh, spatial, nw, spatial).transpose(2, 4, 0, 1, 3).reshape(spatial * spatial, f, nh, nw)
+    src = np.floor((np.arange(nf, dtype=np.float32) + np.float32(0.5)) * np.float32(f / nf)).astype(np.int64)
+    m = m[:, np.minimum(src, f - 1)]
+    return np.concatenate([np.zeros((spatial * spatial, references, nh, nw), np.float32), m], axis=1)[None]
+
+
+def _check_batch(prompts: list, configs: list, images, latents, videos=None, vace: bool = False):
     """``generate_batch``'s inputs checked: a non-empty prompt and a config per video, one batch key (a
-    batch of one: any config), an image for every video or for none. Returns (images, latents) per video."""
+    batch of one: any config), an image for every video or for none, likewise an input video (video-to-video)
+    and (VACE) as many reference images. Returns (images, latents, videos) per video."""
     n = len(prompts)
-    images, latents = ([None] * n if x is None else list(x) for x in (images, latents))
-    if n == 0 or len(configs) != n or len(images) != n or len(latents) != n:
-        raise InputError(f"generate_batch: {n} prompts, {len(configs)} configs, {len(images)} images and "
-                         f"{len(latents)} latents; give one of each per video")
+    images, latents, videos = ([None] * n if x is None else list(x) for x in (images, latents, videos))
+    if n == 0 or len(configs) != n or len(images) != n or len(latents) != n or len(videos) != n:
+        raise InputError(f"generate_batch: {n} prompts, {len(configs)} configs, {len(images)} images, "
+                         f"{len(videos)} videos and {len(latents)} latents; give one of each per video")
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise InputError("--prompt: empty prompt")
@@ -704,7 +808,11 @@ def _check_batch(prompts: list, configs: list, images, latents) -> tuple[list, l
                              "every setting but the seed and the negative prompt")
     if n > 1 and len({im is None for im in images}) > 1:
         raise InputError("--image: the videos of a batch have an image each, or none has one")
-    return images, latents
+    if n > 1 and not vace and len({v is None or v.video is None for v in videos}) > 1:
+        raise InputError("--video: the videos of a batch have an input video each, or none has one")
+    if n > 1 and len({0 if v is None else len(v.references) for v in videos}) > 1:
+        raise InputError("--reference: the videos of a batch have as many reference images each")
+    return images, latents, videos
 
 
 def _split(latents, n: int) -> list:

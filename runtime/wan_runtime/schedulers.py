@@ -107,16 +107,22 @@ class Schedule:
 # ----------------------------------------------------------------------------- host-side builders
 
 
-def make_schedule(kind: str, num_steps: int, shift: float, **config_kwargs) -> Schedule:
-    """Builds timesteps, sigmas and all per-step coefficient tables (host numpy)."""
+def make_schedule(kind: str, num_steps: int, shift: float, start: int = 0, **config_kwargs) -> Schedule:
+    """Builds timesteps, sigmas and all per-step coefficient tables (host numpy).
+
+    ``start``: the first step that runs (video-to-video keeps the last steps of the schedule, as diffusers'
+    ``get_timesteps``); a multistep sampler warms up from there as diffusers' does when its first call is
+    at that step (UniPC: first order and no corrector at ``start``)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 <= start < num_steps:
+        raise ValueError(f"start must be in [0, {num_steps}), got {start}")
     config = CONFIGS[kind](shift=shift, **config_kwargs)
     if kind == "euler":
         return _make_euler(config, num_steps)
     if kind == "euler-linear":
         return _make_euler_linear(config, num_steps)
-    return _make_unipc(config, num_steps)
+    return _make_unipc(config, num_steps, start)
 
 
 def _make_euler(cfg: EulerConfig, n: int) -> Schedule:
@@ -143,7 +149,7 @@ def _make_euler_linear(cfg: EulerConfig, n: int) -> Schedule:
     return Schedule(cfg, s * np.float32(cfg.num_train_timesteps), sigmas, EulerArrays(dt=sigmas[1:] - sigmas[:-1]))
 
 
-def _make_unipc(cfg: UniPCConfig, n: int) -> Schedule:
+def _make_unipc(cfg: UniPCConfig, n: int, start: int = 0) -> Schedule:
     train = cfg.num_train_timesteps
     s = np.linspace(1.0, 1.0 / train, n + 1)[:-1]
     s = cfg.shift * s / (1 + (cfg.shift - 1) * s)
@@ -156,8 +162,9 @@ def _make_unipc(cfg: UniPCConfig, n: int) -> Schedule:
     sig = sigmas.astype(np.float64)
     with np.errstate(divide="ignore"):
         lam = np.log(1.0 - sig) - np.log(sig)  # lam[n] = +inf
-    # Warm-up from order 1, and lower_order_final: the last step is always first order.
-    order = [min(2, n - i, i + 1) for i in range(n)]
+    # Warm-up from order 1 (at the first step that runs), and lower_order_final: the last step is always
+    # first order.
+    order = [max(1, min(2, n - i, i - start + 1)) for i in range(n)]
 
     pred = np.zeros((n, 6))
     corr = np.zeros((n, 6))
@@ -166,7 +173,7 @@ def _make_unipc(cfg: UniPCConfig, n: int) -> Schedule:
         pred[i] = _uni_coefs(sig, lam, i, i + 1, order[i], corrector=False)
         if i > 0:
             corr[i] = _uni_coefs(sig, lam, i - 1, i, order[i - 1], corrector=True)
-    use_corr = np.array([i > 0 and (i - 1) not in cfg.disable_corrector for i in range(n)])
+    use_corr = np.array([i > start and (i - 1) not in cfg.disable_corrector for i in range(n)])
 
     def pack(c):
         return UniCoefs(*(np.ascontiguousarray(c[:, k], np.float32) for k in range(6)))

@@ -8,6 +8,11 @@ tokens. The forward is split so a denoise loop can precompute per generation (``
 ``embed_text`` / ``embed_image`` + ``cross_kv``) and per step (``embed_time``), and a caching
 policy can wrap ``run_blocks`` (block residual = its output minus its input).
 
+VACE (``WanVACETransformer3DModel``, a config with ``vace_layers``): the control latents are
+patch-embedded (``vace_patchify``), the VACE blocks run first as their own chain on the patch-embedded
+latents (``vace_hints``, their cross-attention K/V from ``cross_kv_vace``), and ``run_blocks`` adds hint
+k times its scale after main block ``vace_layers[k]``.
+
 Numerics follow diffusers: weights are cast to the compute dtype at use (``layers.dense``), while the time embedder,
 modulation (scale_shift_table + temb), LayerNorms, RMSNorms and RoPE run in float32.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -117,15 +123,17 @@ def embed_image(params, cfg: WanTransformerConfig, image_emb, dtype=F32):
     return layer_norm(x, 1e-5, ie["norm2"]).astype(dtype)
 
 
-def cross_kv(params, cfg: WanTransformerConfig, context, dtype=F32, n_image: int = 0):
+def cross_kv(params, cfg: WanTransformerConfig, context, dtype=F32, n_image: int = 0, *, stack: str = "blocks"):
     """Per-layer cross-attention K/V, computed once per generation (the cross-attention KV cache).
 
     context (B, Sc, D) = [image tokens (n_image) | text tokens], as diffusers concatenates them.
     Returns {"k", "v"}: (L, B, St, H, Dh) for the text tokens, plus {"k_img", "v_img"}:
     (L, B, n_image, H, Dh) through add_k_proj / add_v_proj when the model has them and n_image > 0.
     K is RMS-normed over the full D (norm_k / norm_added_k) before the head split.
+    stack: the stacked blocks whose K/V these are: "blocks" (the main ones, L = num_layers) or
+    "vace_blocks" (VACE's, L = len(vace_layers): :func:`cross_kv_vace`).
     """
-    a = params["blocks"]["attn2"]
+    a = params[stack]["attn2"]
     ctx = context.astype(dtype)
 
     def kv(x, pk, pv, norm):  # x (B, s, D_in); stacked weights (L, D, D_in) -> (L, B, s, H, Dh)
@@ -142,12 +150,28 @@ def cross_kv(params, cfg: WanTransformerConfig, context, dtype=F32, n_image: int
     return out
 
 
+def cross_kv_vace(params, cfg: WanTransformerConfig, context, dtype=F32, n_image: int = 0):
+    """The VACE blocks' cross-attention K/V (:func:`cross_kv` of ``params["vace_blocks"]``): leaves
+    (V, B, St, H, Dh), V = len(cfg.vace_layers), what :func:`vace_hints` takes as ``kv_vace``."""
+    return cross_kv(params, cfg, context, dtype, n_image, stack="vace_blocks")
+
+
 def patchify(params, cfg: WanTransformerConfig, latents, dtype=F32):
     """Conv3d with stride = kernel: latents (B, C, F, H, W) -> tokens (B, S, D), S in (F', H', W') order."""
+    return _patch_embed(params["patch_embedding"], cfg, latents, dtype)
+
+
+def vace_patchify(params, cfg: WanTransformerConfig, control, dtype=F32):
+    """VACE control latents (B, vace_in_channels, F, H, W) -> control tokens (B, S_control, D), as
+    :func:`patchify` with ``vace_patch_embedding``."""
+    return _patch_embed(params["vace_patch_embedding"], cfg, control, dtype)
+
+
+def _patch_embed(p, cfg: WanTransformerConfig, latents, dtype):
     B, C, F, H, W = latents.shape
     pt, ph, pw = cfg.patch_size
     x = latents.astype(dtype).reshape(B, C, F // pt, pt, H // ph, ph, W // pw, pw)
-    x = dense(x, params["patch_embedding"], dtype, spec="bcfphqwr,dcpqr->bfhwd")  # weight (D, C, pt, ph, pw)
+    x = dense(x, p, dtype, spec="bcfphqwr,dcpqr->bfhwd")  # weight (D, C, pt, ph, pw)
     return x.reshape(B, -1, cfg.dim)
 
 
@@ -169,8 +193,8 @@ def unpatchify_head(params, cfg: WanTransformerConfig, x, temb, grid):
 # blocks
 # ------------------------------------------------------------------------------------------
 def block(p, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype, *, key_mask=None, layout=None):
-    """One WanTransformerBlock. p: one layer of params['blocks']; x (B, S, D) in dtype;
-    temb_proj (B, 6, D) or (B, S, 6, D); rope (cos, sin); kv: one layer of ``cross_kv``;
+    """One WanTransformerBlock. p: one layer of params['blocks'] (or of params['vace_blocks']); x (B, S, D)
+    in dtype; temb_proj (B, 6, D) or (B, S, 6, D); rope (cos, sin); kv: one layer of ``cross_kv``;
     key_mask: optional (B, S) bool, False = padding token, kept out of the self-attention keys;
     layout: a ``sharding.Layout`` whose sequence axes split S (context-parallel self-attention)."""
     H = cfg.num_heads
@@ -216,16 +240,10 @@ def _pad_axis(a, n, axis):
     return jnp.pad(a, [(0, n if i == axis else 0) for i in range(a.ndim)])
 
 
-def run_blocks(params, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype, *, pad_to: int | None = None,
-               layout=None):
-    """All blocks: ``lax.scan`` (``layers.scan_layers``) over the stacked layer axis of params['blocks'] and of kv.
-
-    pad_to: the S tokens (x, rope, per-token temb_proj) are zero-padded to a multiple of it for the
-    attention kernel (None: ``preferred_multiple`` of the backend and the tokens per shard, 1: no
-    padding) and cut back after. Only self-attention mixes tokens and it masks the padded keys out,
-    so the result does not depend on pad_to (up to float reassociation). With a ``layout`` that
-    splits the sequence over n devices, the multiple is n times that (every shard gets whole tiles).
-    """
+def _padded(x, temb_proj, rope, layout, pad_to):
+    """The S tokens of x (B, S, D), rope and a per-token temb_proj zero-padded for the attention kernel
+    (see :func:`run_blocks`) and placed on the layout; returns them, the key mask (None: no padding) and
+    the pad."""
     S = x.shape[1]
     multiple = pad_to or preferred_multiple(seq_len=S if layout is None else S // layout.seq_shards)
     if layout is not None:
@@ -243,20 +261,92 @@ def run_blocks(params, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype,
         rope = tuple(layout.constrain(jnp.asarray(t), ("seq", None)) for t in rope)
         if temb_proj.ndim == 4:
             temb_proj = layout.constrain(temb_proj, ("batch", "seq", None, "act_embed"))
+    return x, temb_proj, rope, key_mask, pad
+
+
+def hint_slots(cfg: WanTransformerConfig, layers: int, first_layer: int = 0) -> np.ndarray:
+    """(layers,) int32: for each of main blocks first_layer .. first_layer + layers - 1, the VACE hint
+    added after it (k where ``vace_layers[k]`` is that block), -1 for none."""
+    slots = np.full(layers, -1, np.int32)
+    for k, layer in enumerate(cfg.vace_layers):
+        if first_layer <= layer < first_layer + layers:
+            slots[layer - first_layer] = k
+    return slots
+
+
+def run_blocks(params, x, temb_proj, rope, kv, cfg: WanTransformerConfig, dtype, *, pad_to: int | None = None,
+               layout=None, hints=None, hint_scale=None, first_layer: int = 0):
+    """All blocks: ``lax.scan`` (``layers.scan_layers``) over the stacked layer axis of params['blocks'] and of kv.
+
+    pad_to: the S tokens (x, rope, per-token temb_proj) are zero-padded to a multiple of it for the
+    attention kernel (None: ``preferred_multiple`` of the backend and the tokens per shard, 1: no
+    padding) and cut back after. Only self-attention mixes tokens and it masks the padded keys out,
+    so the result does not depend on pad_to (up to float reassociation). With a ``layout`` that
+    splits the sequence over n devices, the multiple is n times that (every shard gets whole tiles).
+
+    VACE: hints (V, B, S, D) from :func:`vace_hints`, hint_scale a float or (V,) (default 1): after main
+    block ``vace_layers[k]``, x += hints[k] * hint_scale[k] (a per-layer table of :func:`hint_slots` rides
+    the scan). first_layer: the model index of params['blocks'][0] when a caller runs a slice of the
+    layers (e.g. a step cache's first block apart). Without hints the scan is the plain Wan one.
+    """
+    S = x.shape[1]
+    x, temb_proj, rope, key_mask, pad = _padded(x, temb_proj, rope, layout, pad_to)
+    xs = (params["blocks"], kv)
+    if hints is not None:
+        hints = _pad_axis(hints.astype(dtype), pad, 2) if pad else hints.astype(dtype)  # (V, B, S + pad, D)
+        if layout is not None:
+            hints = layout.constrain(hints, (None, "batch", "seq", "act_embed"))
+        scale = jnp.broadcast_to(jnp.asarray(1.0 if hint_scale is None else hint_scale, F32),
+                                 (len(cfg.vace_layers),)).astype(dtype)
+        xs += (jnp.asarray(hint_slots(cfg, jax.tree.leaves(params["blocks"])[0].shape[0], first_layer)),)
 
     def step(x, layer):
-        p, kv_l = layer
-        return block(p, x, temb_proj, rope, kv_l, cfg, dtype, key_mask=key_mask, layout=layout), None
+        p, kv_l, *slot = layer
+        x = block(p, x, temb_proj, rope, kv_l, cfg, dtype, key_mask=key_mask, layout=layout)
+        if slot:  # VACE: hint k after the block that slot k names
+            i = jnp.maximum(slot[0], 0)
+            x = jnp.where(slot[0] >= 0, x + hints[i] * scale[i], x)
+        return x, None
 
-    x, _ = scan_layers(step, x, (params["blocks"], kv))  # fp8 weights cross the loop as their bytes
+    x, _ = scan_layers(step, x, xs)  # fp8 weights cross the loop as their bytes
     return x[:, :S] if pad else x
 
 
+def vace_hints(params, cfg: WanTransformerConfig, x, control, temb_proj, rope, kv_vace, dtype, layout=None, *,
+               pad_to: int | None = None, n_image: int = 0):
+    """The VACE chain: hints (V, B, S, D) in dtype, V = len(cfg.vace_layers), for :func:`run_blocks`.
+
+    x (B, S, D): the patch-embedded latents (before any main block); control (B, Sc <= S, D): the control
+    tokens (:func:`vace_patchify`), zero-padded to S. Block 0's state is ``vace_proj_in(control) + x``;
+    each VACE block (the same :func:`block` as the main ones, in a ``layers.scan_layers`` over
+    params['vace_blocks']) passes its state on and gives hint k = its ``proj_out`` of it. kv_vace: the
+    VACE blocks' K/V (:func:`cross_kv_vace`), or (kv cache off) the context (B, Sc, D) they are made from
+    (n_image CLIP tokens first). pad_to and layout: as in :func:`run_blocks`.
+    """
+    S, Sc = x.shape[1], control.shape[1]
+    if Sc > S:
+        raise ValueError(f"VACE control has {Sc} tokens, more than the {S} of the latents")
+    if not isinstance(kv_vace, Mapping):
+        kv_vace = cross_kv_vace(params, cfg, kv_vace, dtype, n_image)
+    c = _pad_axis(control.astype(dtype), S - Sc, 1)
+    c = dense(c, params["vace_proj_in"], dtype) + x.astype(dtype)
+    c, temb_proj, rope, key_mask, pad = _padded(c, temb_proj, rope, layout, pad_to)
+
+    def step(c, layer):
+        p, kv_l = layer
+        c = block(p, c, temb_proj, rope, kv_l, cfg, dtype, key_mask=key_mask, layout=layout)
+        return c, dense(c, p["proj_out"], dtype)
+
+    _, hints = scan_layers(step, c, (params["vace_blocks"], kv_vace))
+    return hints[:, :, :S] if pad else hints
+
+
 def forward(params, cfg: WanTransformerConfig, latents, timestep, text_emb, image_emb=None, *, dtype=F32,
-            pad_to: int | None = None, layout=None):
+            pad_to: int | None = None, layout=None, control=None, control_scale=None):
     """Predicted flow (B, Cout, F, H, W) float32 for latents (B, Cin, F, H, W), timestep (B,) or (B, S),
     text_emb (B, St, text_dim) and, for Wan 2.1 I2V, CLIP image tokens image_emb (B, Si, image_dim).
-    pad_to: token padding multiple, see :func:`run_blocks`."""
+    VACE: control latents (B, vace_in_channels, F, H, W) and control_scale (a float or one per VACE
+    layer; diffusers' control_hidden_states(_scale)). pad_to: token padding multiple, see :func:`run_blocks`."""
     _, _, F, H, W = latents.shape
     pt, ph, pw = cfg.patch_size
     grid = (F // pt, H // ph, W // pw)
@@ -268,5 +358,10 @@ def forward(params, cfg: WanTransformerConfig, latents, timestep, text_emb, imag
         img = embed_image(params, cfg, image_emb, dtype)
         context, n_image = jnp.concatenate([img, context], axis=1), img.shape[1]
     kv = cross_kv(params, cfg, context, dtype, n_image)
-    x = run_blocks(params, x, temb_proj, rope, kv, cfg, dtype, pad_to=pad_to, layout=layout)
+    hints = None
+    if control is not None:
+        hints = vace_hints(params, cfg, x, vace_patchify(params, cfg, control, dtype), temb_proj, rope,
+                           cross_kv_vace(params, cfg, context, dtype, n_image), dtype, layout, pad_to=pad_to)
+    x = run_blocks(params, x, temb_proj, rope, kv, cfg, dtype, pad_to=pad_to, layout=layout, hints=hints,
+                   hint_scale=control_scale)
     return unpatchify_head(params, cfg, x, temb, grid)
