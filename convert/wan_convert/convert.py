@@ -663,9 +663,14 @@ def _family(repo: Repo, opened: dict[str, Component]) -> str:
         return opened[c].config if c in opened else repo.config(c)
 
     try:
-        return families.detect(repo.model_index, config("transformer") or {}, config("vae")).name
+        fam = families.detect(repo.model_index, config("transformer") or {}, config("vae"))
     except ValueError as e:
         raise SourceError(f"{repo.root / 'transformer' / 'config.json'}: {e}") from None
+    cls = repo.model_index.get("_class_name")
+    if cls and cls not in fam.pipelines:
+        raise SourceError(f"{repo.root / 'model_index.json'}: {cls}, but transformer/config.json describes a "
+                          f"{fam.name} transformer (a {' or '.join(fam.pipelines)}); the repository is inconsistent")
+    return fam.name
 
 
 def _hash_in_background(repo: Repo):

@@ -83,9 +83,9 @@ def _two(index: Mapping[str, Any]) -> bool:
 
 
 def _vace(index: Mapping[str, Any], t: Mapping[str, Any]) -> bool:
-    """A VACE repository: diffusers' WanVACEPipeline, or a transformer config with VACE layers."""
-    return index.get("_class_name") == "WanVACEPipeline" or bool(t.get("vace_layers")) or \
-        t.get("_class_name") == "WanVACETransformer3DModel"
+    """A VACE transformer: a config with VACE layers, or diffusers' VACE class (whose default has them). The
+    pipeline class alone does not make one (the converter refuses a repo whose class and transformer disagree)."""
+    return bool(t.get("vace_layers")) or t.get("_class_name") == "WanVACETransformer3DModel"
 
 
 def _image_channels(t: Mapping[str, Any], vae: Mapping[str, Any]) -> bool:

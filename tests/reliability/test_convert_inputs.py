@@ -177,8 +177,13 @@ def model_index_not_object(src):
 
 
 def unsupported_pipeline(src):
-    edit_json(src / "model_index.json", lambda m: m.update(_class_name="WanVACEPipeline"))
-    return ["model_index.json", "WanVACEPipeline", "does not support"]
+    edit_json(src / "model_index.json", lambda m: m.update(_class_name="WanAnimatePipeline"))
+    return ["model_index.json", "WanAnimatePipeline", "does not support"]
+
+
+def pipeline_disagrees_with_transformer(src):
+    edit_json(src / "model_index.json", lambda m: m.update(_class_name="WanVACEPipeline"))  # no VACE blocks
+    return ["model_index.json", "WanVACEPipeline", "wan2.1-t2v transformer"]
 
 
 def unsupported_variant(src):
@@ -206,7 +211,8 @@ SOURCE_CASES = [truncated, empty_file, header_garbage, header_length_past_end, o
                 shard_missing, shard_missing_from_index, index_names_absent_tensor, index_not_json,
                 index_without_weight_map, config_more_layers, config_fewer_layers, config_other_width,
                 config_missing_key, config_not_json, config_not_object, config_wrong_type, extra_tensor, not_wan,
-                no_model_index, model_index_not_object, unsupported_pipeline, unsupported_variant,
+                no_model_index, model_index_not_object, unsupported_pipeline, pipeline_disagrees_with_transformer,
+                unsupported_variant,
                 component_folder_missing, pickled_weights_only, tokenizer_missing]
 
 
