@@ -448,19 +448,28 @@ def _xla_block_flops(params, cfg, batch: int, padded: int, text_len: int, dtype)
         return None
 
 
+def _step_inputs(cfg, shape, sz: dict, seed: int):
+    """Random latents of ``shape``, a random text embedding, the token grid and its RoPE tables."""
+    import jax
+    import jax.numpy as jnp
+
+    from wan_runtime.models import transformer as T
+
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(k1, shape, jnp.float32)
+    text = jax.random.normal(k2, (shape[0], sz["text_len"], cfg.text_dim), jnp.float32) * 0.1
+    grid = (shape[2] // cfg.patch_size[0], shape[3] // cfg.patch_size[1], shape[4] // cfg.patch_size[2])
+    return x, text, grid, tuple(jnp.asarray(r) for r in T.rope_tables(cfg, grid))
+
+
 def _step_resolution(params, cfg, shape, sz: dict, seed: int) -> dict:
     import jax
     import jax.numpy as jnp
 
     from wan_runtime.models import attention as A
-    from wan_runtime.models import transformer as T
 
     dtype = jnp.bfloat16
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(k1, shape, jnp.float32)
-    text = jax.random.normal(k2, (shape[0], sz["text_len"], cfg.text_dim), jnp.float32) * 0.1
-    grid = (shape[2] // cfg.patch_size[0], shape[3] // cfg.patch_size[1], shape[4] // cfg.patch_size[2])
-    rope = tuple(jnp.asarray(r) for r in T.rope_tables(cfg, grid))
+    x, text, grid, rope = _step_inputs(cfg, shape, sz, seed)
     loop = jax.jit(denoise_loop, static_argnames=("cfg", "steps", "dtype"))
     exe, compile_s = compiled(loop, params, x, text, rope, cfg=cfg, steps=sz["steps"], dtype=dtype)
     loop_s, out = best_time(lambda: exe(params, x, text, rope), sz["repeats"])
@@ -517,7 +526,6 @@ def phase_fp8(sz: dict) -> dict:
     scales (weight-only: ``dense`` scales the matmul's output), and e4m3 with ``--fp8-matmul`` (fp8 x fp8
     with per-token activation scales; where ``fp8_matmul_support()`` allows, else recorded as skipped):
     step time and the final latents' relative error against the bf16 run."""
-    import jax
     import jax.numpy as jnp
     import make_synthetic_checkpoint as msc
 
@@ -529,12 +537,7 @@ def phase_fp8(sz: dict) -> dict:
     cfg_dict = dict(msc.transformer_config(sz["model"]), **sz["overrides"])
     cfg = T.WanTransformerConfig.from_config(cfg_dict)
     params = random_params(fmt.component_tree("transformer", cfg_dict, "bfloat16"))
-    shape = tuple(sz["latents"]["480p"])
-    k1, k2 = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(k1, shape, jnp.float32)
-    text = jax.random.normal(k2, (shape[0], sz["text_len"], cfg.text_dim), jnp.float32) * 0.1
-    grid = (shape[2] // cfg.patch_size[0], shape[3] // cfg.patch_size[1], shape[4] // cfg.patch_size[2])
-    rope = tuple(jnp.asarray(r) for r in T.rope_tables(cfg, grid))
+    x, text, _, rope = _step_inputs(cfg, tuple(sz["latents"]["480p"]), sz, 0)
     runs, outs = {}, {}
     runs["bf16"], outs["bf16"] = _fp8_variant(params, cfg, x, text, rope, sz, False)
     params = quant.quantize_tree(params, fmt.component_tree("transformer", cfg_dict, "float8_e4m3fn"), "float8_e4m3fn")

@@ -241,13 +241,10 @@ class Job(NamedTuple):
     video_paths: tuple = ()  # (name, path) of the video inputs, for the sidecar
 
     def batch_key(self):
-        """Jobs with equal keys run as one batch: one settings class, output type, image and input-video
-        presence, reference image count."""
-        key = self.config.batch_key()
-        if key is None:
-            return None
-        return key, self.out.suffix, self.image is None, self.video is None, len(self.video.references) if \
-            self.video is not None else 0
+        """Jobs with equal keys run as one batch: ``RunConfig.batch_key`` of its settings and inputs, and one
+        output type."""
+        key = self.config.batch_key(self.image is not None, self.video)
+        return None if key is None else (key, self.out.suffix)
 
 
 def _flag_job(flags: dict) -> tuple[Any, list[Job]]:

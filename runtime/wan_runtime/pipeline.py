@@ -408,7 +408,8 @@ class WanPipeline:
         inputs = video_lib.load_inputs(video, mask, reference_images)
         prompts, configs, images, inits = self._videos(prompt, negative_prompt, image, latents,
                                                        num_videos_per_prompt, cache, inputs, settings)
-        gens = [g for batch in group_batches([c.batch_key() for c in configs]) for g in
+        keys = [c.batch_key(im is not None, inputs) for c, im in zip(configs, images)]
+        gens = [g for batch in group_batches(keys) for g in
                 self.generate_batch([prompts[i] for i in batch], [configs[i] for i in batch],
                                     images=[images[i] for i in batch], latents=[inits[i] for i in batch],
                                     videos=[inputs] * len(batch), output_type=output_type, progress=progress)]

@@ -263,13 +263,19 @@ class RunConfig:
     def guidance_low(self) -> float:
         return self.guidance if self.guidance_2 is None else self.guidance_2
 
-    def batch_key(self) -> tuple | None:
+    def batch_key(self, image: bool = False, video: "VideoInputs | None" = None) -> tuple | None:
         """The settings class of this generation: configs with equal keys may run as one batch (one denoise
-        loop over their videos, CFG as 2B rows). Every field but ``PER_VIDEO``'s, as (name, value) pairs.
-        None: the config runs alone: a step-caching policy's skip decisions would be shared by the batch."""
+        loop over their videos, CFG as 2B rows). Every field but ``PER_VIDEO``'s, as (name, value) pairs, and
+        the inputs the videos of a batch must share: an image each or none, an input video each or none, as
+        many reference images (``image``, ``video``: this generation's). None: the config runs alone: a
+        step-caching policy's skip decisions would be shared by the batch. wan-run, wan-serve and
+        ``WanPipeline.__call__`` group by it."""
         if type(self.cache) is not caching.Dense:
             return None
-        return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in PER_VIDEO)
+        has_video = video is not None and video.video is not None
+        refs = len(video.references) if video is not None else 0
+        return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in PER_VIDEO) + \
+            (("image", bool(image)), ("video", has_video), ("references", refs))
 
     def first_step(self) -> int:
         """The first step that runs: video-to-video keeps the last int(steps * strength) steps of the

@@ -112,7 +112,7 @@ class Server:
 
     async def list(self, request: Request) -> Response:
         q = request.query_params
-        limit = validate._number("limit", q.get("limit", "20"), int)
+        limit = validate.number("limit", q.get("limit", "20"), int)
         if not 1 <= limit <= 100:
             raise RequestError(f"limit: must be in [1, 100], got {limit}", "limit")
         order = q.get("order", "desc")

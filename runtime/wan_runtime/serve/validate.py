@@ -43,7 +43,7 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
 
 
-def _number(field: str, value: Any, kind: type):
+def number(field: str, value: Any, kind: type):
     if isinstance(value, bool) or value is None:
         raise RequestError(f"{field}: must be {'an integer' if kind is int else 'a number'}, got {value!r}", field)
     if isinstance(value, (int, float)) and not (kind is int and isinstance(value, float) and not value.is_integer()):
@@ -63,7 +63,7 @@ def _size(value: Any) -> tuple[int, int]:
 
 
 def _frames_for(seconds: Any, fps: int) -> int:
-    s = _number("seconds", seconds, float)
+    s = number("seconds", seconds, float)
     if not (math.isfinite(s) and 0 < s <= 600):
         raise RequestError(f"seconds: must be a number in (0, 600], got {seconds!r}", "seconds")
     return 4 * max(0, round(s * fps / 4)) + 1
@@ -80,7 +80,7 @@ def settings_of(fields: dict[str, Any], ckpt, preset: str | None, image: bool) -
                     raise RequestError(f"{name}: must be a string", name)
                 out[key] = value
             else:
-                out[key] = _number(name, value, kind)
+                out[key] = number(name, value, kind)
     if fields.get("size") is not None:
         out["width"], out["height"] = _size(fields["size"])
     if fields.get("seconds") is not None and "frames" not in out:
@@ -145,8 +145,8 @@ def _image(data: bytes):
 
 
 def batch_key(config: RunConfig, image: bool) -> str | None:
-    """The jobs that may share a batch (text-to-video of equal settings but prompt, negative prompt and seed)."""
-    key = None if image else config.batch_key()
+    """``RunConfig.batch_key`` as the jobs table stores it (jobs of equal keys may share a batch)."""
+    key = config.batch_key(image)
     return None if key is None else json.dumps(key, default=str)
 
 
